@@ -1,0 +1,3 @@
+from bilevel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The ``bilevel`` command: a thin registry of subcommands.
+
+Each module in ``bilevel.commands`` exposes ``register(subparsers)``, which adds its
+subcommands and sets ``handler`` (a function ``args -> int``) on each. This file parses,
+dispatches, and maps exceptions to exit codes; it holds no logic of its own.
+
+Exit codes: 0 ok, 2 usage or config error, 3 data missing or failed verification,
+4 no valid checkpoint, 130 interrupted after a clean checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# One entry per module in bilevel/commands/. Keep sorted.
+COMMAND_MODULES: tuple[str, ...] = ("data",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bilevel", description="Learn how a network should be trained, by hypergradients."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"bilevel.commands.{name}").register(sub)
+    return parser
+
+
+def _version() -> str:
+    from bilevel import __version__
+
+    return f"bilevel {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # map library errors to exit codes; re-raise the rest
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return int(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

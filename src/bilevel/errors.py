@@ -1,0 +1,52 @@
+"""The exceptions bilevel raises, each with the exit code the CLI maps it to.
+
+Every message states what was expected, what was received and how to fix it.
+The leaf packages (``data``, ``models``) define their own exceptions with the same
+``exit_code`` attribute, so the CLI needs no import of them to map codes.
+"""
+
+from __future__ import annotations
+
+
+class BilevelError(Exception):
+    """Base class of bilevel's errors."""
+
+    exit_code: int = 1
+
+
+class ConfigError(BilevelError, ValueError):
+    """A config file, a ``--set`` override or a keyword argument is invalid."""
+
+    exit_code = 2
+
+
+class CheckpointError(BilevelError):
+    """No valid checkpoint could be read (missing, truncated, tampered)."""
+
+    exit_code = 4
+
+
+class TreeStructureError(BilevelError, ValueError):
+    """Two trees that must have the same structure do not."""
+
+
+class HypergradError(BilevelError, RuntimeError):
+    """A hypergradient could not be computed; the message says why and what to try."""
+
+
+class NonFiniteError(HypergradError):
+    """A loss, a state or a hypergradient became NaN or infinite.
+
+    Attributes:
+        step: the inner step at which it was first seen (``None`` when not tied to a step).
+        what: ``"state"``, ``"outer loss"`` or ``"hypergradient"``.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, what: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.what = what
+
+
+class NeumannDivergenceError(HypergradError):
+    """The Neumann series for an inverse-Jacobian product grew instead of shrinking."""

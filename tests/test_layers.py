@@ -1,0 +1,76 @@
+"""The layer rule of docs/architecture.md: a module imports only from layers below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "bilevel"
+
+# Rank of each top-level part of the package. A module may import parts of lower rank,
+# and of its own part. Leaves import nothing from the package at all.
+RANK = {
+    "errors": 0,
+    "tree": 1, "functional": 1,
+    "optim": 2, "runs": 2,
+    "hypergrad": 3, "meta": 3, "report": 3,
+    "recipes": 4,
+    "sweep": 5, "commands": 5,
+    "cli": 6, "__main__": 7,
+}
+LEAVES = {"data", "models"}
+SIBLINGS = {("hypergrad", "meta"), ("meta", "hypergrad")}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            raise AssertionError(f"{path}: use absolute imports (from bilevel.x import y)")
+        else:
+            continue
+        for name in names:
+            if name == "bilevel" or name.startswith("bilevel."):
+                found.add(name.split(".")[1] if "." in name else "")
+    return found
+
+
+def test_every_part_has_a_rank():
+    parts = {_part(p) for p in PKG.rglob("*.py") if p.parent != PKG or p.name != "__init__.py"}
+    unknown = parts - set(RANK) - LEAVES
+    assert not unknown, f"new top-level parts need a rank in tests/test_layers.py: {unknown}"
+
+
+def test_imports_go_downward():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path == PKG / "__init__.py":
+            continue  # the curated public face imports lazily from everywhere
+        me = _part(path)
+        for other in _imports(path):
+            if other in ("", me):
+                continue
+            if me in LEAVES:
+                bad.append(f"{path.relative_to(PKG)} (a leaf) imports bilevel.{other}")
+            elif (me, other) in SIBLINGS:
+                bad.append(f"{path.relative_to(PKG)}: {me} and {other} never import each other")
+            elif other not in LEAVES and RANK[other] >= RANK[me]:
+                bad.append(f"{path.relative_to(PKG)} imports bilevel.{other} (not lower)")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_parser_sees_imports(tmp_path):
+    # The rule is only as good as the import parser: it must see both import forms.
+    p = tmp_path / "probe.py"
+    p.write_text("import bilevel.optim\nfrom bilevel.tree import tree_map\nimport torch\n")
+    assert _imports(p) == {"optim", "tree"}
