@@ -1,0 +1,89 @@
+"""Recompute-in-backward for segments of inner steps.
+
+``torch.utils.checkpoint`` does not fit here: its non-reentrant mode refuses
+``torch.func.grad`` inside the checkpointed region (saved-tensor hooks), and its reentrant
+mode marks every output differentiable, which breaks BatchNorm running statistics carried
+in the state. This Function keeps only the segment's input state; in backward it re-runs
+the segment (same RNG state) and back-propagates through it with ``torch.autograd.grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel.tree import TreeDef, tree_flatten, tree_unflatten
+
+
+def _devices(tensors: list[torch.Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+
+
+class _Segment(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef, *flat: Any):
+        cuda = _devices([x for x in flat if isinstance(x, torch.Tensor)])
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda], cuda)
+        ctx.run, ctx.n_state, ctx.s_def, ctx.h_def = run, n_state, s_def, h_def
+        ctx.requires = [isinstance(x, torch.Tensor) and x.requires_grad for x in flat]
+        # Run with grad enabled on detached inputs so we learn which outputs are
+        # differentiable; the graph is dropped when this function returns.
+        with torch.enable_grad():
+            inputs = _detached(flat, ctx.requires)
+            outs = _call(run, n_state, s_def, h_def, inputs)
+        ctx.save_for_backward(*[x.detach() if isinstance(x, torch.Tensor) else None for x in flat])
+        ctx.out_diff = [o.requires_grad for o in outs]
+        results = tuple(o.detach() for o in outs)
+        ctx.mark_non_differentiable(*[r for r, d in zip(results, ctx.out_diff, strict=True) if not d])
+        return results
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outs: torch.Tensor | None):
+        flat = list(ctx.saved_tensors)
+        cpu_state, cuda_states, cuda = ctx.rng
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            torch.set_rng_state(cpu_state)
+            for d, s in zip(cuda, cuda_states, strict=True):
+                torch.cuda.set_rng_state(s, d)
+            inputs = _detached(flat, ctx.requires)
+            outs = _call(ctx.run, ctx.n_state, ctx.s_def, ctx.h_def, inputs)
+            pairs = [
+                (o, g) for o, g, d in zip(outs, grad_outs, ctx.out_diff, strict=True)
+                if d and g is not None
+            ]
+            wrt = [x for x, r in zip(inputs, ctx.requires, strict=True) if r]
+            grads = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                )
+                if pairs and wrt else [None] * len(wrt)
+            )
+        return (None, None, None, None, *[next(grads) if r else None for r in ctx.requires])
+
+
+def _detached(flat: Any, requires: list[bool]) -> list[Any]:
+    return [
+        x.detach().requires_grad_(r) if isinstance(x, torch.Tensor) else x
+        for x, r in zip(flat, requires, strict=True)
+    ]
+
+
+def _call(run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef, flat: list[Any]) -> list[Any]:
+    state = tree_unflatten(s_def, list(flat[:n_state]))
+    hparams = tree_unflatten(h_def, list(flat[n_state:]))
+    return tree_flatten(run(state, hparams))[0]
+
+
+def checkpointed_segment(run: Any, state: Any, hparams: Any) -> Any:
+    """``run(state, hparams) -> state`` with only ``state`` kept for backward."""
+    s_leaves, s_def = tree_flatten(state)
+    h_leaves, h_def = tree_flatten(hparams)
+    for x in s_leaves:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                "checkpoint=True needs every state leaf to be a tensor; got "
+                f"{type(x).__name__}. Store counters as 0-d tensors."
+            )
+    outs = _Segment.apply(run, len(s_leaves), s_def, h_def, *s_leaves, *h_leaves)
+    return tree_unflatten(s_def, list(outs))

@@ -1,0 +1,215 @@
+"""Implicit hypergradients: at a fixed point, and online through the last update.
+
+**Fixed point** (:func:`implicit`). If the inner state solves ``s* = Φ(s*, λ)`` with
+``Φ = step(·, ·, t)``, the implicit function theorem gives
+
+.. math:: \\frac{dL_V}{d\\lambda} = \\frac{\\partial L_V}{\\partial\\lambda}
+   + \\Big(\\frac{\\partial \\Phi}{\\partial\\lambda}\\Big)^{\\!\\top}
+     \\Big(I - \\frac{\\partial \\Phi}{\\partial s}\\Big)^{-\\top}
+     \\frac{\\partial L_V}{\\partial s}.
+
+For ``Φ = w − α∇_w L_T`` this is ``∂_λL_V − (∂²L_T/∂w∂λ)ᵀ H⁻¹ ∂_wL_V`` (Lorraine et al.;
+the Neumann series reproduces theirs exactly). Solvers: ``neumann`` (K products),
+``cg``, ``identity`` (K = 0) and ``exact`` (dense).
+
+**One pass** (:func:`one_pass`, Clarke et al. 2022). Write one inner update as
+``s_t = Φ(s_{t−1}, λ) = s_{t−1} − u(λ, s_{t−1})``. The outer loss is taken at ``s_t``
+and the inverse is approximated by ``terms`` Neumann terms through ``∂Φ/∂s`` at
+``s_{t−1}``: ``g_λ = (∂Φ/∂λ)ᵀ Σ_{j<terms} (∂Φ/∂s)^{⊤j} ∂L_V/∂s_t``, which equals
+Clarke et al.'s ``−(∂u/∂λ)ᵀ p``. It returns the new state, so training goes on from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel.errors import HypergradError, NeumannDivergenceError
+from bilevel.hypergrad import linear_solve
+from bilevel.hypergrad._common import (
+    HypergradResult,
+    OuterLossFn,
+    StepFn,
+    check_finite_result,
+    checked_first_step,
+    explain_autograd_errors,
+    float_leaves,
+    grads_or_zeros,
+    hparam_leaves,
+    prepare_state,
+)
+from bilevel.tree import Tree, tree_detach, tree_flatten, tree_unflatten
+
+SOLVERS = ("neumann", "cg", "identity", "exact")
+
+
+def implicit(
+    step: StepFn,
+    outer_loss: OuterLossFn,
+    state_star: Tree,
+    hparams: Tree,
+    *,
+    solver: str = "neumann",
+    iters: int = 10,
+    alpha: float = 1.0,
+    t: int = 0,
+    tol: float = 1e-10,
+    max_dim: int = 4096,
+    on_divergence: str = "raise",
+    check_finite: bool = True,
+) -> HypergradResult:
+    """Hypergradient at an (approximate) fixed point ``state_star`` of the step map.
+
+    Args:
+        step: pure ``step(state, hparams, t) -> state``; its fixed points are the inner
+            solutions (e.g. one gradient step of the training loss).
+        outer_loss: ``outer_loss(state, hparams) -> scalar``, evaluated at ``state_star``.
+        state_star: the trained inner state (not modified).
+        hparams: tree of floating tensors with ``requires_grad=True``.
+        solver: ``"neumann"``, ``"cg"``, ``"identity"`` or ``"exact"``.
+        iters: Neumann terms beyond the first (K), or the CG iteration cap.
+        alpha: Neumann damping/scale (see :mod:`bilevel.hypergrad.linear_solve`).
+        on_divergence: ``"raise"`` or ``"identity"`` (fall back to K = 0, reported in
+            ``info["fallback"]``) when the Neumann series grows.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if on_divergence not in ("raise", "identity"):
+        raise ValueError(f"on_divergence must be 'raise' or 'identity', got {on_divergence!r}")
+    h_leaves = hparam_leaves(hparams)
+    s = prepare_state(state_star)
+    with explain_autograd_errors(f"implicit(solver={solver!r})"):
+        loss = outer_loss(s, hparams)
+        s_leaves = float_leaves(s)
+        g = torch.autograd.grad(loss, s_leaves + h_leaves, allow_unused=True)
+        g_s, direct = grads_or_zeros(g[: len(s_leaves)], s_leaves), g[len(s_leaves) :]
+        phi = float_leaves(checked_first_step(step, s, hparams, t))
+        x, info = _solve(phi, s_leaves, g_s, solver, iters, alpha, tol, max_dim, on_divergence)
+        indirect = torch.autograd.grad(phi, h_leaves, x, allow_unused=True)
+    hyper = _total(direct, indirect, h_leaves)
+    if check_finite:
+        check_finite_result(loss.detach(), hyper, "implicit")
+    h_def = tree_flatten(hparams)[1]
+    info |= {"solver": solver}
+    return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state_star), loss.detach(), info)
+
+
+def one_pass(
+    step: Any,
+    outer_loss: OuterLossFn,
+    state: Tree,
+    hparams: Tree,
+    *,
+    terms: int = 5,
+    t: int = 0,
+    has_aux: bool = False,
+    on_divergence: str = "raise",
+    check_finite: bool = True,
+) -> HypergradResult:
+    """Take one inner step and return its one-pass implicit hypergradient (Clarke et al.).
+
+    Args:
+        step: ``step(state, hparams, t) -> new_state`` or, with ``has_aux=True``,
+            ``-> (new_state, aux)``; ``aux`` (e.g. a momentum buffer from earlier steps,
+            which Clarke et al. treat as a constant) is returned detached and not
+            differentiated.
+        terms: number of Neumann terms in total (Clarke et al.'s ``i``; 1 = identity).
+        on_divergence: ``"raise"`` or ``"identity"`` (fall back to one term).
+
+    A hyperparameter that does not reach the update yet (momentum while its buffer is
+    zero, on the first step) gets a zero hypergradient.
+    """
+    if terms < 1:
+        raise ValueError(f"terms must be >= 1, got {terms}")
+    h_leaves = hparam_leaves(hparams)
+    s = prepare_state(state)
+    with explain_autograd_errors("one_pass"):
+        out = checked_step_aux(step, s, hparams, t, has_aux)
+        new, aux = out if has_aux else (out, None)
+        new_leaves = float_leaves(new)
+        # Outer loss at the new state, with the new state as its own leaf.
+        new_in = prepare_state(new)
+        loss = outer_loss(new_in, hparams)
+        at = float_leaves(new_in)
+        g = torch.autograd.grad(loss, at + h_leaves, allow_unused=True)
+        g_new, direct = grads_or_zeros(g[: len(at)], at), g[len(at) :]
+        x, info = _solve(
+            new_leaves, float_leaves(s), g_new, "neumann", terms - 1, 1.0, 0.0, 0, on_divergence
+        )
+        indirect = torch.autograd.grad(new_leaves, h_leaves, x, allow_unused=True)
+    hyper = _total(direct, indirect, h_leaves)
+    if check_finite:
+        check_finite_result(loss.detach(), hyper, "one_pass")
+    h_def = tree_flatten(hparams)[1]
+    return HypergradResult(
+        tree_unflatten(h_def, hyper), tree_detach(new), loss.detach(), info,
+        tree_detach(aux) if aux is not None else None,
+    )
+
+
+def checked_step_aux(step: Any, s: Tree, hparams: Tree, t: int, has_aux: bool) -> Any:
+    if not has_aux:
+        return checked_first_step(step, s, hparams, t)
+    holder: list[Any] = []
+
+    def state_only(st: Tree, h: Tree, tt: int) -> Tree:
+        new, aux = step(st, h, tt)
+        holder.append(aux)
+        return new
+
+    new = checked_first_step(state_only, s, hparams, t)
+    return new, holder[0]
+
+
+def _solve(
+    phi: list[torch.Tensor], s_leaves: list[torch.Tensor], b: list[torch.Tensor],
+    solver: str, iters: int, alpha: float, tol: float, max_dim: int, on_divergence: str,
+) -> tuple[list[torch.Tensor], dict]:
+    if len(phi) != len(s_leaves):
+        raise HypergradError(
+            "the step map changed which state leaves are floating-point; keep dtypes fixed."
+        )
+
+    def jt(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = torch.autograd.grad(phi, s_leaves, v, retain_graph=True, allow_unused=True)
+        return grads_or_zeros(out, s_leaves)
+
+    if solver == "identity":
+        return [alpha * x for x in b], {}
+    if solver == "cg":
+        return linear_solve.cg(jt, b, iters=iters, tol=tol)
+    if solver == "exact":
+        def jt_batched(eye: torch.Tensor) -> list[torch.Tensor]:
+            vs, i = [], 0
+            for x in phi:
+                vs.append(eye[:, i : i + x.numel()].reshape(eye.shape[0], *x.shape))
+                i += x.numel()
+            out = torch.autograd.grad(
+                phi, s_leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+            return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype) if o is None else o
+                    for o, x in zip(out, s_leaves, strict=True)]
+
+        return linear_solve.exact(jt_batched, b, max_dim=max_dim)
+    try:
+        return linear_solve.neumann(jt, b, iters=iters, alpha=alpha)
+    except NeumannDivergenceError:
+        if on_divergence == "raise":
+            raise
+        return [alpha * x for x in b], {"fallback": "identity"}
+
+
+def _total(
+    direct: tuple[torch.Tensor | None, ...], indirect: tuple[torch.Tensor | None, ...],
+    like: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    out = []
+    for d, i, x in zip(direct, indirect, like, strict=True):
+        total = torch.zeros_like(x)
+        if d is not None:
+            total = total + d
+        if i is not None:
+            total = total + i
+        out.append(total)
+    return out
