@@ -1,0 +1,213 @@
+"""toy_hyperlr: learn the SGD learning rate of a small regressor by hypergradient descent.
+
+Baydin et al.'s greedy hypergradient on scikit-learn's bundled ``load_diabetes`` (442 rows,
+10 features; no download). Every step makes ``hypergrad.steps`` SGD updates of the weights
+``w`` with learning rate ``lr = 10**λ``; the last one is differentiated: the outer loss is the
+full validation loss after that update, ``L_V(w - lr ∇L_T(w))``, and ``λ`` takes one step of
+the outer optimiser along ``dL_V/dλ``. Minibatch order comes from a checkpointable
+``IndexSampler`` and dropout from the global torch RNG, so resume must restore both.
+
+Run it::
+
+    bilevel run toy_hyperlr/diabetes_mlp.yaml --out runs/toy
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import field_validator
+from torch import nn
+from torch.func import functional_call
+
+from bilevel import hypergrad
+from bilevel.runs import (
+    CheckpointConfig,
+    DataConfig,
+    HParamConfig,
+    HypergradConfig,
+    InnerOptimConfig,
+    LoggingConfig,
+    ModelConfig,
+    OuterOptimConfig,
+    RunConfig,
+    RunDir,
+    Section,
+    all_finite,
+    on_nonfinite,
+    resolve_device,
+)
+from bilevel.runs.faults import kill_point, triggered
+from bilevel.runs.nan import ROLLBACK_FACTOR
+
+try:
+    from bilevel.data import IndexSampler
+except ImportError:  # bilevel.data does not re-export it (yet)
+    from bilevel.data._sampler import IndexSampler
+
+
+class Config(Section):
+    """toy_hyperlr's config: data, model, inner SGD, learned log10-lr, outer optimiser."""
+
+    data: DataConfig = DataConfig(name="diabetes", batch_size=32)
+    model: ModelConfig = ModelConfig(name="linear")
+    inner: InnerOptimConfig = InnerOptimConfig(name="sgd", lr=0.01)
+    hparam: HParamConfig = HParamConfig(name="lr", transform="log10", low=-6.0, high=1.0)
+    outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.02)
+    hypergrad: HypergradConfig = HypergradConfig(method="greedy")
+    run: RunConfig
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("data")
+    @classmethod
+    def _diabetes(cls, v: DataConfig) -> DataConfig:
+        if v.name != "diabetes":
+            raise ValueError(f"toy_hyperlr only knows data.name 'diabetes', got {v.name!r}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _mlp(cls, v: ModelConfig) -> ModelConfig:
+        if v.name not in ("linear", "mlp"):
+            raise ValueError(f"model.name must be 'linear' or 'mlp', got {v.name!r}")
+        return v
+
+    @field_validator("hparam")
+    @classmethod
+    def _log_lr(cls, v: HParamConfig) -> HParamConfig:
+        if (v.name, v.transform, v.granularity) != ("lr", "log10", "scalar"):
+            raise ValueError("toy_hyperlr learns one scalar lr in log10 space: set "
+                             "hparam.name: lr, transform: log10, granularity: scalar")
+        return v
+
+    @field_validator("hypergrad")
+    @classmethod
+    def _greedy(cls, v: HypergradConfig) -> HypergradConfig:
+        if v.method != "greedy":
+            raise ValueError(f"toy_hyperlr supports hypergrad.method 'greedy', got {v.method!r}")
+        return v
+
+
+def _splits(cfg: DataConfig, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    from sklearn.datasets import load_diabetes  # optional dependency, imported when used
+
+    x_np, y_np = load_diabetes(return_X_y=True)
+    x = torch.as_tensor(x_np, dtype=torch.float32)
+    y = torch.as_tensor(y_np, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean()) / y.std()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.split_seed))
+    parts = {"train": perm[:250], "val": perm[250:346], "test": perm[346:]}
+    return {k: (x[i].to(device), y[i].unsqueeze(1).to(device)) for k, i in parts.items()}
+
+
+def _model(cfg: ModelConfig) -> nn.Module:
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[cfg.activation]
+    layers: list[nn.Module] = []
+    width = 10
+    for h in cfg.hidden if cfg.name == "mlp" else []:
+        layers += [nn.Linear(width, h), act(), nn.Dropout(cfg.dropout)]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def run(config: Config, run_dir: RunDir) -> dict[str, float]:
+    """Train, learning ``log10 lr``; return final train/val/test losses and the learned lr."""
+    device = resolve_device(config.run.device)
+    data = _splits(config.data, device)
+    model = _model(config.model).to(device)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    log_lr = torch.tensor(math.log10(config.inner.lr), device=device, requires_grad=True)
+    opt_cls = torch.optim.Adam if config.outer.name == "adam" else torch.optim.SGD
+    opt = opt_cls([log_lr], lr=config.outer.lr)
+    sampler = IndexSampler(len(data["train"][0]), config.data.batch_size, seed=config.run.seed)
+    extra = {"rollbacks": 0, "lr_scale": 1.0}
+
+    def mse(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, train: bool
+            ) -> torch.Tensor:
+        model.train(train)
+        return ((functional_call(model, w, (x,)) - y) ** 2).mean()
+
+    def load(state: dict[str, Any]) -> None:
+        params.update(state["params"])
+        with torch.no_grad():
+            log_lr.copy_(state["log_lr"])
+        opt.load_state_dict(state["outer_opt"])
+        sampler.load_state_dict(state["sampler"])
+        extra.update(rollbacks=state["rollbacks"], lr_scale=state["lr_scale"])
+        for group in opt.param_groups:
+            group["lr"] = config.outer.lr * extra["lr_scale"]
+
+    def snapshot() -> dict[str, Any]:
+        return {"params": dict(params), "log_lr": log_lr.detach().clone(),
+                "outer_opt": opt.state_dict(), "sampler": sampler.state_dict(), **extra}
+
+    def sgd_step(state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], t: int
+                 ) -> dict[str, torch.Tensor]:
+        w = {k: v.detach().requires_grad_() for k, v in state.items()}
+        loss = mse(w, *batch, train=True)
+        grads = torch.autograd.grad(loss, list(w.values()))
+        lr = 10.0 ** hp["log_lr"]
+        return {k: state[k] - lr * g for (k, g) in zip(w, grads, strict=True)}
+
+    def val_loss(state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> torch.Tensor:
+        return mse(state, *data["val"], train=False)
+
+    start = 0
+    if (ckpt := run_dir.restore()) is not None:
+        load(ckpt.state)
+        start = ckpt.step
+    else:
+        run_dir.checkpoint(0, snapshot(), force=True)  # a rollback target and resume point
+    done = start  # steps completed by the trajectory being followed
+    while True:
+        for step in run_dir.steps(done, config.run.max_steps):
+            for i in range(config.hypergrad.steps):
+                x_idx = next(sampler)
+                batch = (data["train"][0][x_idx], data["train"][1][x_idx])
+                kill_point("inner")
+                hp = {"log_lr": log_lr.detach()}
+                if i < config.hypergrad.steps - 1:
+                    params = {k: v.detach() for k, v in sgd_step(params, hp, step).items()}
+            r = hypergrad.greedy(sgd_step, val_loss, params, {"log_lr": log_lr}, t=step,
+                                 check_finite=False)
+            hg = r.hypergrad["log_lr"]
+            if triggered("nan_hypergrad"):
+                hg = hg * math.nan
+            finite = all_finite(hg, r.state)
+            if not finite and on_nonfinite(run_dir, config.run.nan_policy, step=step,
+                                           what="hypergradient",
+                                           rollbacks=extra["rollbacks"]) == "rollback":
+                break
+            if finite:  # skip: neither the weights nor the lr move this step
+                params = r.state
+                opt.zero_grad(set_to_none=True)
+                log_lr.grad = hg.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    log_lr.clamp_(config.hparam.low, config.hparam.high)
+            kill_point("hyper")
+            if step % config.logging.every == 0 or step == config.run.max_steps:
+                run_dir.log(step, {"train/loss": mse(params, *batch, train=False).item(),
+                                   "val/loss": r.outer_loss.item(),
+                                   "hyper/lr": 10.0 ** log_lr.item(),
+                                   "hypergrad/log10_lr": hg.item()})
+            run_dir.checkpoint(step, snapshot(), force=step == config.run.max_steps)
+        else:
+            break
+        ckpt = run_dir.restore()  # rollback: back to the last checkpoint, smaller hyper lr
+        assert ckpt is not None  # step 0 is always checkpointed
+        load(ckpt.state)
+        extra.update(rollbacks=extra["rollbacks"] + 1, lr_scale=extra["lr_scale"] * ROLLBACK_FACTOR)
+        for group in opt.param_groups:
+            group["lr"] = config.outer.lr * extra["lr_scale"]
+        done = ckpt.step
+        run_dir.event(done, "rollback", outer_lr=config.outer.lr * extra["lr_scale"])
+        run_dir.checkpoint(done, snapshot(), force=True)
+
+    with torch.no_grad():
+        final = {f"{k}/loss": mse(params, *xy, train=False).item() for k, xy in data.items()}
+    return {**final, "hyper/lr": 10.0 ** log_lr.item()}
