@@ -1,0 +1,65 @@
+"""``bilevel data list | fetch | verify``: the data cache from the command line.
+
+Each handler parses nothing itself: it calls :mod:`bilevel.data` and prints one line per data
+set. Errors carry ``exit_code = 3`` and are reported by ``bilevel.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bilevel.data import REGISTRY, default_data_dir, fetch_dataset, list_datasets, verify_dataset
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data`` and its three subcommands to the ``bilevel`` parser."""
+    data = subparsers.add_parser("data", help="list, fetch and verify data sets")
+    sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir", default=None,
+        help=f"data directory (default: $BILEVEL_DATA, else {default_data_dir()})",
+    )
+
+    p = sub.add_parser("list", parents=[common], help="what exists, what is cached, size, source")
+    p.set_defaults(handler=_list)
+
+    p = sub.add_parser("fetch", parents=[common], help="download, verify and cache data sets")
+    p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(REGISTRY), help="data sets (see `bilevel data list`)")
+    p.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                   help="read the raw files from DIR instead of the network (UCI: the shared/data/uci layout)")
+    p.set_defaults(handler=_fetch)
+
+    p = sub.add_parser("verify", parents=[common], help="re-hash cached arrays against their manifests")
+    p.add_argument("names", nargs="*", metavar="NAME", help="data sets (default: every cached one)")
+    p.set_defaults(handler=_verify)
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = list_datasets(args.data_dir)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        state = "cached" if r["cached"] else ("on demand" if r["generated"] else "missing")
+        size = f"{r['bytes'] / 2**20:7.1f} MiB" if r["cached"] else " " * 11
+        print(f"{r['name']:<{width}}  {state:<9}  {size}  {r['summary']}  [{r['source']}]")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    for name in args.names:
+        m = fetch_dataset(name, args.data_dir, from_dir=args.from_dir)
+        shapes = ", ".join(f"{k} {tuple(v['shape'])}" for k, v in m["arrays"].items())
+        raw = ", ".join(f"{k} sha256 {v[:12]}…" for k, v in m["raw_sha256"].items()) or "generated"
+        print(f"{name}: verified ({raw}); cached {shapes} in {m['path']} [{m['seconds']:.1f} s]")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    names = args.names or [r["name"] for r in list_datasets(args.data_dir) if r["cached"]]
+    if not names:
+        print("nothing cached to verify")
+    for name in names:
+        r = verify_dataset(name, args.data_dir)
+        print(f"{name}: {r['status']} ({r['arrays']} arrays)")
+    return 0
