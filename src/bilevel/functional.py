@@ -41,7 +41,9 @@ def call(
 
     The caller's ``buffers`` are never modified (see the module docstring).
     """
-    new_buffers = {k: v.clone() for k, v in buffers.items()}
+    # detach: running statistics carry no gradient, even when the state they travel in
+    # was prepared with requires_grad by a hypergradient method.
+    new_buffers = {k: v.detach().clone() for k, v in buffers.items()}
     out = functional_call(model, (params, new_buffers), args, kwargs, strict=True)
     return out, new_buffers
 

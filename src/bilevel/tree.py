@@ -104,7 +104,7 @@ def tree_paths(tree: Tree, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def _describe_difference(a: Tree, b: Tree, path: str = "") -> str:
     ka, ma, ca, la = _node(a)
-    kb, mb, cb, lb = _node(b)
+    kb, mb, cb, _lb = _node(b)
     where = path or "<root>"
     if ka != kb:
         return f"at {where!r}: a {ka} on one side, a {kb} on the other"

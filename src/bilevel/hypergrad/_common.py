@@ -80,7 +80,16 @@ def checked_first_step(step: StepFn, state: Tree, hparams: Tree, t: int) -> Tree
     """Call ``step`` once, checking that it neither mutates its inputs nor changes the
     structure of the state. Later steps skip the checks (they cost a little each)."""
     before_s, before_h = versions(state), versions(hparams)
-    new = step(state, hparams, t)
+    try:
+        new = step(state, hparams, t)
+    except RuntimeError as exc:
+        if "in-place operation" not in str(exc):
+            raise
+        raise HypergradError(
+            "the step function modified its input in place (an in-place op such as add_, "
+            "copy_ or x[...] = ... on a state tensor). Step functions must be pure: return "
+            f"new tensors (e.g. p - lr * g) instead. PyTorch said: {str(exc).splitlines()[0]}"
+        ) from exc
     for (path, leaf), v in zip(tree_paths(state), before_s, strict=True):
         if isinstance(leaf, torch.Tensor) and leaf._version != v:
             raise HypergradError(
@@ -158,8 +167,9 @@ def explain_autograd_errors(method: str) -> Iterator[None]:
         raise HypergradError(
             f"{method}: the op {name} has no double-backward (second derivative) in PyTorch, "
             "but this hypergradient differentiates through the gradient of the training loss. "
-            "Use hypergrad.forward (forward mode), solver='identity' for implicit methods, or "
-            f"replace the op. PyTorch said: {msg.splitlines()[0]}"
+            "Use hypergrad.forward (forward mode, where PyTorch has it for the op), "
+            "solver='identity' for implicit methods, or replace the op. "
+            f"PyTorch said: {msg.splitlines()[0]}"
         ) from exc
 
 

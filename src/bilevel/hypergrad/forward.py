@@ -12,6 +12,8 @@ gradient); ``torch.autograd.grad`` does not run inside forward-mode transforms.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.func import jacfwd
 
@@ -72,6 +74,13 @@ def forward(
 
     try:
         jac, (loss, state, flags) = jacfwd(run, has_aux=True)(primal_h)
+    except NotImplementedError as exc:
+        op = re.search(r"forward AD with (\S+)", str(exc))
+        raise HypergradError(
+            f"forward mode: PyTorch has no forward-mode derivative for "
+            f"{op.group(1) if op else 'an op in the step'}. Use hypergrad.unrolled (reverse "
+            "mode) or an implicit method, or replace the op."
+        ) from exc
     except RuntimeError as exc:
         if "autograd.grad" in str(exc) or "does not require grad" in str(exc):
             raise HypergradError(

@@ -86,7 +86,7 @@ def implicit(
         g_s, direct = grads_or_zeros(g[: len(s_leaves)], s_leaves), g[len(s_leaves) :]
         phi = float_leaves(checked_first_step(step, s, hparams, t))
         x, info = _solve(phi, s_leaves, g_s, solver, iters, alpha, tol, max_dim, on_divergence)
-        indirect = torch.autograd.grad(phi, h_leaves, x, allow_unused=True)
+        indirect = _vjp_h(phi, h_leaves, x)
     hyper = _total(direct, indirect, h_leaves)
     if check_finite:
         check_finite_result(loss.detach(), hyper, "implicit")
@@ -137,7 +137,7 @@ def one_pass(
         x, info = _solve(
             new_leaves, float_leaves(s), g_new, "neumann", terms - 1, 1.0, 0.0, 0, on_divergence
         )
-        indirect = torch.autograd.grad(new_leaves, h_leaves, x, allow_unused=True)
+        indirect = _vjp_h(new_leaves, h_leaves, x)
     hyper = _total(direct, indirect, h_leaves)
     if check_finite:
         check_finite_result(loss.detach(), hyper, "one_pass")
@@ -171,8 +171,16 @@ def _solve(
             "the step map changed which state leaves are floating-point; keep dtypes fixed."
         )
 
+    # Outputs with no graph (e.g. BatchNorm running statistics) contribute nothing.
+    live = [i for i, p in enumerate(phi) if p.requires_grad]
+
     def jt(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = torch.autograd.grad(phi, s_leaves, v, retain_graph=True, allow_unused=True)
+        if not live:
+            return [torch.zeros_like(x) for x in s_leaves]
+        out = torch.autograd.grad(
+            [phi[i] for i in live], s_leaves, [v[i] for i in live],
+            retain_graph=True, allow_unused=True,
+        )
         return grads_or_zeros(out, s_leaves)
 
     if solver == "identity":
@@ -186,7 +194,8 @@ def _solve(
                 vs.append(eye[:, i : i + x.numel()].reshape(eye.shape[0], *x.shape))
                 i += x.numel()
             out = torch.autograd.grad(
-                phi, s_leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+                [phi[i] for i in live], s_leaves, [vs[i] for i in live],
+                retain_graph=True, allow_unused=True, is_grads_batched=True,
             )
             return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype) if o is None else o
                     for o, x in zip(out, s_leaves, strict=True)]
@@ -198,6 +207,17 @@ def _solve(
         if on_divergence == "raise":
             raise
         return [alpha * x for x in b], {"fallback": "identity"}
+
+
+def _vjp_h(
+    outs: list[torch.Tensor], h_leaves: list[torch.Tensor], v: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    live = [i for i, o in enumerate(outs) if o.requires_grad]
+    if not live:
+        return (None,) * len(h_leaves)
+    return torch.autograd.grad(
+        [outs[i] for i in live], h_leaves, [v[i] for i in live], allow_unused=True
+    )
 
 
 def _total(

@@ -15,9 +15,12 @@ only segment boundaries and recomputes each segment in the backward pass, so mem
 like ``sqrt(steps)`` at the price of one extra forward pass. :func:`greedy` is the one-step
 case (Baydin et al.'s hypergradient descent when the outer loss is the next training loss).
 
-Write ``step`` with ``torch.func.grad`` (or ``bilevel.functional``) for the inner gradient:
-outer autograd differentiates through it, and the same step then also works in
-:func:`bilevel.hypergrad.forward`.
+The step may take its inner gradient with ``torch.func.grad`` (then the same step also runs
+in :func:`bilevel.hypergrad.forward`) or with ``torch.autograd.grad(..., create_graph=True)``
+(state leaves arrive requiring grad). One PyTorch caveat: inside ``torch.func.grad`` a
+custom ``autograd.Function`` whose backward is ``@once_differentiable`` is silently given a
+zero second derivative; with ``torch.autograd.grad`` PyTorch raises, and bilevel turns that
+into an error naming the op.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bilevel.hypergrad._common import (
     first_bad_step,
     grads_or_zeros,
     hparam_leaves,
+    prepare_state,
 )
 from bilevel.tree import Tree, tree_all_finite, tree_detach, tree_flatten, tree_unflatten
 
@@ -82,16 +86,16 @@ def unrolled(
     h_leaves = hparam_leaves(hparams)
     k = steps if truncate is None else min(truncate, steps)
     flags: list[tuple[int, torch.Tensor]] = []
-    state, t = state0, start
+    # State leaves require grad so that steps written with torch.autograd.grad work too.
+    state, t = prepare_state(state0), start
 
-    # Steps outside the truncation window: no graph to the hyperparameters.
-    with torch.no_grad():
-        for _ in range(steps - k):
-            state = _one_step(step, state, hparams, t, first=t == start)
-            if check_finite:
-                flags.append((t, tree_all_finite(state)))
-            t += 1
-    state = tree_detach(state)
+    # Steps outside the truncation window: constant hyperparameters, graph dropped each step.
+    h_const = tree_detach(hparams)
+    for _ in range(steps - k):
+        state = prepare_state(_one_step(step, state, h_const, t, first=t == start))
+        if check_finite:
+            flags.append((t, tree_all_finite(state)))
+        t += 1
 
     with explain_autograd_errors("unrolled"):
         if checkpoint:
@@ -136,8 +140,7 @@ def _run_checkpointed(
     seg = segment or max(1, math.ceil(math.sqrt(k)))
     if t == start:
         # Run the structural checks on the real tensors once, outside the Function.
-        with torch.no_grad():
-            checked_first_step(step, state, hparams, t)
+        checked_first_step(step, state, tree_detach(hparams), t)
     done = 0
     while done < k:
         n = min(seg, k - done)
