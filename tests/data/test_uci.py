@@ -8,7 +8,13 @@ import shutil
 import pytest
 import torch
 
-from bilevel.data import DataMissingError, DataVerificationError, fetch_dataset, load_dataset, verify_dataset
+from bilevel.data import (
+    DataMissingError,
+    DataVerificationError,
+    fetch_dataset,
+    load_dataset,
+    verify_dataset,
+)
 from bilevel.data.uci import TABLE
 from tests.conftest import shared_data_dir
 
@@ -21,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("short", sorted(TABLE))
 def test_fetch_verify_and_split_sizes(short, data_dir):
     manifest = fetch_dataset(f"uci_{short}", from_dir=SHARED / "uci")
-    _, _, rows, n_features, _, n_train, n_val, n_test, data_sha, perm_sha = TABLE[short]
+    _, _, _rows, n_features, _, n_train, n_val, n_test, data_sha, perm_sha = TABLE[short]
     assert manifest["raw_sha256"] == {f"{short}/data.txt": data_sha, f"{short}/permutation_indices.txt": perm_sha}
     assert verify_dataset(f"uci_{short}")["status"] == "ok"
     ds = load_dataset(f"uci_{short}")
