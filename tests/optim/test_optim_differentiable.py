@@ -13,6 +13,7 @@ from torch.autograd import gradcheck
 
 from bilevel.errors import ConfigError
 from bilevel.optim import adam, alig, resolve, safe_sqrt, sgd
+from bilevel.tree import tree_flatten
 
 D = torch.float64
 
@@ -137,6 +138,19 @@ def test_gradcheck_params_and_state(rule, options):
     # Adam's d p / d v grows like v^(-3/2) for small v, so the finite-difference side needs
     # a small step to stay accurate.
     assert gradcheck(f, tuple(leaves), eps=1e-8, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [sgd, adam, alig], ids=["sgd", "adam", "alig"])
+def test_state_is_a_fixed_tree_of_tensors(rule):
+    state0 = rule.init(P0)
+    options = {"loss": 1.0} if rule is alig else {"lr": 0.1}
+    grads = {n: torch.ones_like(p) for n, p in P0.items()}
+    _, state1 = rule.step(P0, grads, state0, **options)
+    leaves0, def0 = tree_flatten(state0)
+    leaves1, def1 = tree_flatten(state1)
+    assert def0 == def1 and all(isinstance(x, torch.Tensor) for x in leaves0 + leaves1)
+    for s, n in ((state0, 0), (state1, 1)):
+        assert s.step.dtype == torch.int64 and s.step.device.type == "cpu" and int(s.step) == n
 
 
 def test_safe_sqrt_is_twice_differentiable_at_zero():

@@ -93,7 +93,10 @@ def unclipped_step_size(loss: Loss, grads: Iterable[Tensor], *, eps: Scalar) -> 
     r""":math:`\gamma_u = \ell / (\sum \lVert g \rVert^2 + \delta)` over all ``grads`` (0-d)."""
     grads = list(grads)
     if not grads:
-        raise ConfigError("AliG needs at least one gradient to compute its step size.")
+        raise ConfigError(
+            "AliG found no gradients to compute its step size from. Call loss.backward() "
+            "before opt.step(...), or pass grads for at least one parameter."
+        )
     sq_norm = torch.stack([(g * g).sum() for g in grads]).sum()  # ()
     if not isinstance(loss, Tensor):
         loss = torch.tensor(float(loss), dtype=sq_norm.dtype, device=sq_norm.device)
