@@ -41,9 +41,19 @@ def _list(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         state = "cached" if r["cached"] else ("on demand" if r["generated"] else "missing")
-        size = f"{r['bytes'] / 2**20:7.1f} MiB" if r["cached"] else " " * 11
-        print(f"{r['name']:<{width}}  {state:<9}  {size}  {r['summary']}  [{r['source']}]")
+        size = _human(r["bytes"]) if r["cached"] else ""
+        print(f"{r['name']:<{width}}  {state:<9}  {size:>9}  {r['summary']}  [{r['source']}]")
     return 0
+
+
+def _human(n: float) -> str:
+    """Bytes as B / KiB / MiB / GiB with one decimal."""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _fetch(args: argparse.Namespace) -> int:
