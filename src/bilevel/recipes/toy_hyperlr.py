@@ -181,6 +181,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             if not finite and on_nonfinite(run_dir, config.run.nan_policy, step=step,
                                            what="hypergradient",
                                            rollbacks=extra["rollbacks"]) == "rollback":
+                bad_step = step
                 break
             if finite:  # skip: neither the weights nor the lr move this step
                 params = r.state
@@ -205,7 +206,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         for group in opt.param_groups:
             group["lr"] = config.outer.lr * extra["lr_scale"]
         done = ckpt.step
-        run_dir.event(done, "rollback", outer_lr=config.outer.lr * extra["lr_scale"])
+        # The restore cut the metrics back, so this event also records what happened.
+        run_dir.event(done, "rollback", nonfinite_step=bad_step, what="hypergradient",
+                      outer_lr=config.outer.lr * extra["lr_scale"])
         run_dir.checkpoint(done, snapshot(), force=True)
 
     with torch.no_grad():
