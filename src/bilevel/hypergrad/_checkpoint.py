@@ -9,6 +9,7 @@ the segment (same RNG state) and back-propagates through it with ``torch.autogra
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,18 +23,18 @@ def _devices(tensors: list[torch.Tensor]) -> list[int]:
 
 class _Segment(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef, *flat: Any):
+    def forward(
+        ctx: Any, run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef, plan: SegmentPlan,
+        *flat: Any,
+    ):
         cuda = _devices([x for x in flat if isinstance(x, torch.Tensor)])
         ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda], cuda)
         ctx.run, ctx.n_state, ctx.s_def, ctx.h_def = run, n_state, s_def, h_def
         ctx.requires = [isinstance(x, torch.Tensor) and x.requires_grad for x in flat]
-        # Run with grad enabled on detached inputs so we learn which outputs are
-        # differentiable; the graph is dropped when this function returns.
-        with torch.enable_grad():
-            inputs = _detached(flat, ctx.requires)
-            outs = _call(run, n_state, s_def, h_def, inputs)
+        outs = _forward(plan, run, n_state, s_def, h_def, _detached(flat, ctx.requires))
+        mask = plan.mask
         ctx.save_for_backward(*[x.detach() if isinstance(x, torch.Tensor) else None for x in flat])
-        ctx.out_diff = [o.requires_grad for o in outs]
+        ctx.out_diff = list(mask)
         results = tuple(o.detach() for o in outs)
         ctx.mark_non_differentiable(*[r for r, d in zip(results, ctx.out_diff, strict=True) if not d])
         return results
@@ -59,7 +60,42 @@ class _Segment(torch.autograd.Function):
                 )
                 if pairs and wrt else [None] * len(wrt)
             )
-        return (None, None, None, None, *[next(grads) if r else None for r in ctx.requires])
+        return (None, None, None, None, None, *[next(grads) if r else None for r in ctx.requires])
+
+
+@dataclass
+class SegmentPlan:
+    """What one unroll learns on its first segment and reuses for the others.
+
+    Which outputs are differentiable is found by running the first segment with grad
+    enabled (the graph is dropped on return). Later segments run under ``no_grad``, which
+    is markedly cheaper, unless the step needs a graph even then (a step that calls
+    ``torch.autograd.grad``): that is learned on the second segment and remembered.
+    """
+
+    mask: list[bool] = field(default_factory=list)
+    no_grad_ok: bool | None = None
+
+
+def _forward(plan: SegmentPlan, run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef,
+             inputs: list[Any]) -> list[Any]:
+    if not plan.mask:
+        with torch.enable_grad():
+            outs = _call(run, n_state, s_def, h_def, inputs)
+        plan.mask.extend(o.requires_grad for o in outs)
+        return outs
+    if plan.no_grad_ok is not False:
+        try:
+            with torch.no_grad():
+                outs = _call(run, n_state, s_def, h_def, inputs)
+            plan.no_grad_ok = True
+            return outs
+        except RuntimeError:
+            if plan.no_grad_ok:  # it worked before: a real error
+                raise
+            plan.no_grad_ok = False
+    with torch.enable_grad():
+        return _call(run, n_state, s_def, h_def, inputs)
 
 
 def _detached(flat: Any, requires: list[bool]) -> list[Any]:
@@ -75,8 +111,11 @@ def _call(run: Any, n_state: int, s_def: TreeDef, h_def: TreeDef, flat: list[Any
     return tree_flatten(run(state, hparams))[0]
 
 
-def checkpointed_segment(run: Any, state: Any, hparams: Any) -> Any:
-    """``run(state, hparams) -> state`` with only ``state`` kept for backward."""
+def checkpointed_segment(run: Any, state: Any, hparams: Any, plan: SegmentPlan) -> Any:
+    """``run(state, hparams) -> state`` with only ``state`` kept for backward.
+
+    ``plan`` is shared by the segments of one unroll (see :class:`SegmentPlan`).
+    """
     s_leaves, s_def = tree_flatten(state)
     h_leaves, h_def = tree_flatten(hparams)
     for x in s_leaves:
@@ -85,5 +124,5 @@ def checkpointed_segment(run: Any, state: Any, hparams: Any) -> Any:
                 "checkpoint=True needs every state leaf to be a tensor; got "
                 f"{type(x).__name__}. Store counters as 0-d tensors."
             )
-    outs = _Segment.apply(run, len(s_leaves), s_def, h_def, *s_leaves, *h_leaves)
+    outs = _Segment.apply(run, len(s_leaves), s_def, h_def, plan, *s_leaves, *h_leaves)
     return tree_unflatten(s_def, list(outs))

@@ -30,7 +30,7 @@ import math
 import torch
 
 from bilevel.errors import NonFiniteError
-from bilevel.hypergrad._checkpoint import checkpointed_segment
+from bilevel.hypergrad._checkpoint import SegmentPlan, checkpointed_segment
 from bilevel.hypergrad._common import (
     HypergradResult,
     OuterLossFn,
@@ -141,7 +141,7 @@ def _run_checkpointed(
     if t == start:
         # Run the structural checks on the real tensors once, outside the Function.
         checked_first_step(step, state, tree_detach(hparams), t)
-    done = 0
+    done, plan = 0, SegmentPlan()
     while done < k:
         n = min(seg, k - done)
 
@@ -150,7 +150,7 @@ def _run_checkpointed(
                 s = step(s, h, t0 + i)
             return s
 
-        state = checkpointed_segment(run, state, hparams)
+        state = checkpointed_segment(run, state, hparams, plan)
         if check_finite:
             flags.append((t + n - 1, tree_all_finite(state)))
         t, done = t + n, done + n
