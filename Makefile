@@ -3,7 +3,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test test-slow lint bench clean
 
@@ -17,18 +16,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
+# The main job: learn an MLP's per-tensor learning rates on real MNIST while it trains.
 demo: setup
-	$(PY) examples/demo.py --out $(DEMO_DIR)
+	@$(PY) -m bilevel data verify mnist >/dev/null 2>&1 || $(PY) -m bilevel data fetch mnist
+	@out=runs/demo-$$(date +%Y%m%d-%H%M%S); \
+	$(PY) -m bilevel run mnist_lr/mlp.yaml --out $$out && \
+	$(PY) -m bilevel report $$out --out $$out/report && \
+	echo "" && echo "results:  $$out/summary.json, $$out/metrics.jsonl (TensorBoard: $$out/tb)" && \
+	echo "plots:    $$out/report/curves.png  $$out/report/hyperparameters.png" && \
+	echo "table:    $$out/report/summary.md"
 
 test: setup
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -n 2 -m slow
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/hypergrad.py
