@@ -34,6 +34,7 @@ from bilevel.runs import (
 )
 
 RECIPES: dict[str, str] = {
+    "mnist_lr": "bilevel.recipes.mnist_lr",
     "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
 }
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
