@@ -16,6 +16,7 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 from bilevel.hypergrad._common import HypergradResult
 from bilevel.hypergrad.forward import forward
 from bilevel.hypergrad.implicit import SOLVERS, implicit, one_pass
+from bilevel.hypergrad.meta_optimizer import MetaOptimizer
 from bilevel.hypergrad.unrolled import greedy, unrolled
 
-__all__ = ["SOLVERS", "HypergradResult", "forward", "greedy", "implicit", "one_pass", "unrolled"]
+__all__ = ["SOLVERS", "HypergradResult", "MetaOptimizer", "forward", "greedy", "implicit", "one_pass", "unrolled"]
