@@ -34,7 +34,12 @@ from bilevel.runs import (
 )
 
 RECIPES: dict[str, str] = {
+    "alig": "bilevel.recipes.alig",
+    "commentaries_blending": "bilevel.recipes.commentaries_blending",
+    "commentaries_weighting": "bilevel.recipes.commentaries_weighting",
+    "gtn": "bilevel.recipes.gtn",
     "mnist_lr": "bilevel.recipes.mnist_lr",
+    "onepass": "bilevel.recipes.onepass",
     "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
 }
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"

@@ -1,0 +1,296 @@
+"""commentaries_weighting: learn an example-weighting teacher by backprop through training.
+
+Commentaries Alg. 1 (Raghu et al., ICLR 2021; seeds.md §1.1). Every outer step re-trains a
+CBR student from the *same* initialisation θ0 for ``hypergrad.steps`` inner Adam steps on
+batches of ``data.batch_size`` training images, minimising ``Σ_b c_b·NLL_b`` with
+``c = teacher(x, i / steps)``; the meta-loss is the unweighted validation NLL (summed per
+batch, averaged over batches, student BN in train mode); its exact derivative w.r.t. the
+teacher's weights φ comes from :func:`bilevel.hypergrad.unrolled` and φ takes one Adam step.
+
+Run it::
+
+    bilevel run commentaries_weighting/mnist_curr.yaml --out runs/commentaries/teacher
+
+Outputs beside the usual run files: ``teacher.pt`` (φ and the teacher's config, read by
+``bilevel commentaries student``), ``curriculum.npz`` (teacher weights of probe images over
+the progress grid, their labels and hardness, and the weights of the last unroll) for
+``bilevel commentaries plot``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from bilevel import hypergrad
+from bilevel.functional import call, module_state
+from bilevel.meta import weighting
+from bilevel.models import CBRStudent, CBRTeacher
+from bilevel.optim import adam
+from bilevel.runs import (
+    CheckpointConfig,
+    HypergradConfig,
+    InnerOptimConfig,
+    LoggingConfig,
+    OuterOptimConfig,
+    RunConfig,
+    RunDir,
+    Section,
+    all_finite,
+    on_nonfinite,
+    resolve_device,
+)
+
+Splits = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class ImageDataConfig(Section):
+    """Images for the CBR networks; ``*_size`` subsample a split (``None``: all of it)."""
+
+    name: Literal["mnist", "digits"] = "mnist"
+    data_dir: str | None = None
+    split_seed: int = Field(0, ge=0, description="seed of the train/val split (the seed's)")
+    batch_size: int = Field(8, gt=0)
+    train_size: int | None = Field(None, gt=0)
+    val_size: int | None = Field(1000, gt=0, description="meta-loss images (seed: all 10k)")
+    test_size: int | None = Field(2000, gt=0)
+
+
+class TeacherConfig(Section):
+    """``curr``: teacher with the iteration channel; ``nocurr``: without."""
+
+    arch: Literal["curr", "nocurr"] = "curr"
+
+
+class CurriculumConfig(Section):
+    """What ``curriculum.npz`` records: ``probe_size`` val images at ``points`` progress values."""
+
+    probe_size: int = Field(500, gt=0)
+    points: int = Field(20, gt=1)
+
+
+class Config(Section):
+    """Alg. 1's config (defaults: the seed's, with the val set subsampled for CPU)."""
+
+    data: ImageDataConfig = ImageDataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    inner: InnerOptimConfig = InnerOptimConfig(name="adam", lr=1e-4)
+    outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-4)
+    hypergrad: HypergradConfig = HypergradConfig(method="unrolled", steps=100)
+    curriculum: CurriculumConfig = CurriculumConfig()
+    run: RunConfig
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every=10)
+
+    @field_validator("inner")
+    @classmethod
+    def _adam(cls, v: InnerOptimConfig) -> InnerOptimConfig:
+        if v.name != "adam" or v.momentum or v.weight_decay:
+            raise ValueError("Alg. 1 trains the student with plain Adam: set inner.name: adam "
+                             "(no momentum, weight_decay 0)")
+        return v
+
+    @field_validator("hypergrad")
+    @classmethod
+    def _unrolled(cls, v: HypergradConfig) -> HypergradConfig:
+        if v.method not in ("unrolled", "truncated", "checkpointed"):
+            raise ValueError(f"hypergrad.method must be 'unrolled', 'truncated' or 'checkpointed' "
+                             f"(backprop through training), got {v.method!r}")
+        if v.method == "truncated" and v.truncate is None:
+            raise ValueError("hypergrad.method 'truncated' needs hypergrad.truncate: K")
+        return v
+
+    @field_validator("run")
+    @classmethod
+    def _policy(cls, v: RunConfig) -> RunConfig:
+        if v.nan_policy == "rollback":
+            raise ValueError("run.nan_policy: use 'skip' or 'abort' (each outer step restarts "
+                             "the student from θ0, so there is nothing to roll back)")
+        return v
+
+
+def load_images(cfg: ImageDataConfig, device: torch.device) -> tuple[Splits, dict[str, Any]]:
+    """Normalised ``[n, 1, 28, 28]`` splits; ``digits`` (8x8) is upsampled to MNIST's shape."""
+    from bilevel.data import load_dataset
+
+    ds = load_dataset(cfg.name, cfg.data_dir, split_seed=cfg.split_seed,
+                      normalize=cfg.name == "mnist")
+    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
+    gen = torch.Generator().manual_seed(cfg.split_seed + 1)
+    out: Splits = {}
+    for name in ("train", "val", "test"):
+        split = getattr(ds, name)
+        x, y = split.x, split.y
+        if cfg.name == "digits":  # [n, 64] in [0, 1] -> [n, 1, 28, 28] (tests, offline)
+            x = F.interpolate(x.view(-1, 1, 8, 8), size=(28, 28), mode="bilinear")
+            x = (x - 0.5) / 0.5
+        n = sizes[name]
+        if n is not None and n < len(y):
+            keep = torch.randperm(len(y), generator=gen)[:n]
+            x, y = x[keep], y[keep]
+        out[name] = (x.contiguous().to(device), y.to(device))
+    return out, ds.info
+
+
+def sum_nll_by_batch(student: torch.nn.Module, params: dict, buffers: dict,
+                     x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """The seed's meta-loss: mean over batches of Σ_b NLL_b, student BN in train mode."""
+    student.train()
+    losses = [weighting.weighted_nll(call(student, params, buffers, x[i:i + batch])[0],
+                                     y[i:i + batch]) for i in range(0, len(y), batch)]
+    return torch.stack(losses).mean()
+
+
+def make_inner_step(
+    student: torch.nn.Module, teacher: torch.nn.Module, teacher_buffers: dict,
+    batches: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
+    betas: tuple[float, float] = (0.9, 0.999), trace: dict | None = None,
+) -> Callable[[dict[str, Any], dict[str, torch.Tensor], int], dict[str, Any]]:
+    """The inner step ``state_{t+1} = step(state_t, φ, t)`` of Alg. 1 (pure).
+
+    ``state = {"params", "buffers", "opt"}`` (student weights, BN buffers, Adam state);
+    batch ``t`` of ``batches`` is weighted by ``c = teacher_φ(x, t / steps)`` and the student
+    takes one differentiable Adam step on ``Σ_b c_b·NLL_b``. ``trace[t]`` receives the
+    (detached) weights and labels, for the curriculum plots.
+    """
+
+    def inner_step(state: dict[str, Any], hp: dict[str, torch.Tensor], t: int) -> dict[str, Any]:
+        x, y = batches[t]
+        c = weighting.example_weights(teacher, hp, teacher_buffers, x,
+                                      progress=weighting.progress(t, steps))  # [B]
+        if trace is not None:
+            trace[t] = (c.detach(), y)
+
+        def loss(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            out, new_buffers = call(student, p, state["buffers"], x)
+            return weighting.weighted_nll(out, y, c), new_buffers
+
+        grads, new_buffers = torch.func.grad(loss, has_aux=True)(state["params"])
+        params, opt_state = adam.step(state["params"], grads, state["opt"], lr=lr, betas=betas)
+        return {"params": params, "buffers": new_buffers, "opt": opt_state}
+
+    return inner_step
+
+
+@torch.no_grad()
+def accuracy(student: torch.nn.Module, params: dict, buffers: dict, x: torch.Tensor,
+             y: torch.Tensor) -> tuple[float, float]:
+    """(mean NLL, accuracy) with BN running statistics (eval mode)."""
+    student.eval()
+    out = torch.cat([call(student, params, buffers, x[i:i + 1000])[0] for i in range(0, len(y), 1000)])
+    student.train()
+    return F.nll_loss(out, y).item(), (out.argmax(1) == y).float().mean().item()
+
+
+def run(config: Config, run_dir: RunDir) -> dict[str, float]:
+    """Learn φ for ``run.max_steps`` outer steps; return the final meta-loss and accuracies."""
+    device = resolve_device(config.run.device)
+    data, _ = load_images(config.data, device)
+    steps, bs = config.hypergrad.steps, config.data.batch_size
+    student = CBRStudent(1, 10).to(device)
+    teacher = CBRTeacher(1, iteration_channel=config.teacher.arch == "curr").to(device)
+    theta0, student_buffers0 = module_state(student)  # the SAME init every outer step
+    phi0, teacher_buffers = module_state(teacher)
+    phi = {k: v.requires_grad_() for k, v in phi0.items()}
+    opt = torch.optim.Adam(list(phi.values()), lr=config.outer.lr)
+    from bilevel.data import IndexSampler
+
+    sampler = IndexSampler(len(data["train"][1]), bs, seed=config.run.seed, device=device)
+    trace: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # t -> (weights, labels), last unroll
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    inner_step = make_inner_step(student, teacher, teacher_buffers, batches, steps=steps,
+                                 lr=config.inner.lr, betas=config.inner.betas, trace=trace)
+
+    def meta_loss(state: dict[str, Any], hp: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum_nll_by_batch(student, state["params"], state["buffers"], *data["val"], bs)
+
+    def snapshot() -> dict[str, Any]:
+        return {"phi": {k: v.detach().clone() for k, v in phi.items()}, "outer_opt": opt.state_dict(),
+                "sampler": sampler.state_dict(), "theta0": theta0, "student_buffers0": student_buffers0}
+
+    start = 0
+    if (ckpt := run_dir.restore()) is not None:
+        with torch.no_grad():
+            for k, v in ckpt.state["phi"].items():
+                phi[k].copy_(v)
+        opt.load_state_dict(ckpt.state["outer_opt"])
+        sampler.load_state_dict(ckpt.state["sampler"])
+        theta0, student_buffers0 = ckpt.state["theta0"], ckpt.state["student_buffers0"]
+        start = ckpt.step
+    else:
+        run_dir.checkpoint(0, snapshot(), force=True)
+
+    hg_cfg = config.hypergrad
+    final: dict[str, float] = {}
+    state0 = {"params": theta0, "buffers": student_buffers0, "opt": adam.init(theta0)}
+    for step in run_dir.steps(start, config.run.max_steps):
+        batches[:] = [(data["train"][0][i], data["train"][1][i]) for i in
+                      (next(sampler) for _ in range(steps))]
+        r = hypergrad.unrolled(inner_step, meta_loss, state0, phi, steps=steps,
+                               truncate=hg_cfg.truncate if hg_cfg.method == "truncated" else None,
+                               checkpoint=hg_cfg.method == "checkpointed", check_finite=False)
+        if not all_finite(r.hypergrad, r.outer_loss):
+            on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")
+        else:
+            opt.zero_grad(set_to_none=True)
+            for k, v in phi.items():
+                v.grad = r.hypergrad[k].detach().clone()
+            if config.outer.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(phi.values()), config.outer.grad_clip)
+            opt.step()
+        last = step == config.run.max_steps
+        if step % config.logging.every == 0 or last:
+            final = _log(run_dir, step, r, trace, student, data)
+        if last or step % config.checkpoint.every == 0:
+            _write_outputs(run_dir.path, config, teacher, teacher_buffers, phi, student, r.state,
+                           data, trace)
+        run_dir.checkpoint(step, snapshot(), force=last)
+    return final
+
+
+def _log(run_dir: RunDir, step: int, r: hypergrad.HypergradResult, trace: dict,
+         student: torch.nn.Module, data: Splits) -> dict[str, float]:
+    w = torch.stack([trace[t][0] for t in sorted(trace)])  # [steps, B]
+    k = max(1, len(w) // 10)
+    val_loss, val_acc = accuracy(student, r.state["params"], r.state["buffers"], *data["val"])
+    test_loss, test_acc = accuracy(student, r.state["params"], r.state["buffers"], *data["test"])
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in r.hypergrad.values())).item()
+    values = {"meta/loss": r.outer_loss.item(), "val/loss": val_loss, "val/acc": val_acc,
+              "test/loss": test_loss, "test/acc": test_acc, "weights/mean": w.mean().item(),
+              "weights/first_tenth": w[:k].mean().item(), "weights/last_tenth": w[-k:].mean().item(),
+              "weights/std": w.std().item(), "hypergrad/norm": norm}
+    run_dir.log(step, values)
+    return values
+
+
+def _write_outputs(path: Path, config: Config, teacher: CBRTeacher, teacher_buffers: dict,
+                   phi: dict, student: torch.nn.Module, final_state: dict, data: Splits,
+                   trace: dict) -> None:
+    """``teacher.pt`` for the student-evaluation command and ``curriculum.npz`` for the plots."""
+    phi_d = {k: v.detach().cpu().clone() for k, v in phi.items()}
+    torch.save({"phi": phi_d, "buffers": {k: v.cpu() for k, v in teacher_buffers.items()},
+                "arch": config.teacher.arch, "inner_steps": config.hypergrad.steps,
+                "inner_lr": config.inner.lr, "data": config.data.name}, path / "teacher.pt")
+    n, p = config.curriculum.probe_size, config.curriculum.points
+    x, y = data["val"][0][:n], data["val"][1][:n]
+    grid = np.linspace(0.0, (config.hypergrad.steps - 1) / config.hypergrad.steps, p)
+    with torch.no_grad():
+        bs = config.data.batch_size  # the teacher's BN statistics come from batches this size
+        weights = np.stack([torch.cat([weighting.example_weights(
+            teacher, phi_d, teacher_buffers, x[i:i + bs], progress=float(g)).cpu()
+            for i in range(0, len(y), bs)]).numpy() for g in grid])  # [points, n]
+        student.eval()
+        out = call(student, final_state["params"], final_state["buffers"], x)[0]
+        student.train()
+        hardness = F.nll_loss(out, y, reduction="none").cpu().numpy()
+    unroll_w = torch.stack([trace[t][0] for t in sorted(trace)]).cpu().numpy()
+    unroll_y = torch.stack([trace[t][1] for t in sorted(trace)]).cpu().numpy()
+    np.savez(path / "curriculum.npz", progress=grid, weights=weights, labels=y.cpu().numpy(),
+             hardness=hardness, unroll_weights=unroll_w, unroll_labels=unroll_y)
