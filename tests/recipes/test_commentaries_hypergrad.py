@@ -9,15 +9,21 @@ from the fixed point, so more terms approach the exact unrolled hypergradient.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch import nn
 
 from bilevel import hypergrad
 from bilevel.data import load_dataset
 from bilevel.functional import module_state
+from bilevel.meta import blending
 from bilevel.models import CBRStudent, CBRTeacher
 from bilevel.optim import adam
+from bilevel.recipes import commentaries_blending as cb
 from bilevel.recipes import commentaries_weighting as cw
+from bilevel.runs import HypergradConfig
 
 
 def _digits_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,3 +84,70 @@ def test_alg1_checkpointed_and_truncated_unrolls(f64: None) -> None:
     for k in full:
         torch.testing.assert_close(ckpt[k], full[k], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(trunc["fc.weight"], full["fc.weight"])  # a different estimator
+
+
+@functools.cache
+def _blend_problem() -> tuple:
+    """Softmax regression on 4 random projections of 200 digits: a non-separable, smooth
+    inner problem whose minimiser w*(M) exists; returns the recipe's Φ and L_V at w*."""
+    ds = load_dataset("digits", split_seed=0)
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(64, 4, generator=gen, dtype=torch.float64)
+    x, y = ds.train.x[:200].double() @ proj, ds.train.y[:200]
+    xv, yv = ds.val.x[:100].double() @ proj, ds.val.y[:100]
+    net = nn.Sequential(nn.Linear(4, 10)).double()
+    m = (blending.init_logits(10, dtype=torch.float64).detach()
+         + torch.randn(10, 10, generator=gen, dtype=torch.float64)).requires_grad_()
+    perm = cb.perm_for(0, 1, 1, 200)
+    xb, lam = blending.blend(x, y, m.detach(), perm)
+    opt = torch.optim.LBFGS(net.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13,
+                            tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = blending.blended_loss(net(xb), y, perm, lam)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    closure()
+    grad_norm = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert grad_norm < 1e-7, f"inner problem not converged: |grad| = {grad_norm:.2e}"
+    return net, m, (x, y), (xv, yv), perm
+
+
+def test_alg2_hyper_step_is_lorraines_formula_with_k1(f64: None) -> None:
+    net, m, train, val, perm = _blend_problem()
+    alpha = 0.3
+    cfg = HypergradConfig(method="implicit", solver="neumann", iters=1)
+    got = cb.hyper_step(net, m, train, val, perm, cfg=cfg, alpha=alpha).hypergrad["M"]
+    # By hand (Lorraine et al. / the seed's hyper_step): p = α(v + (I − αH)v); −(∂g_T/∂M)ᵀp.
+    w = list(net.parameters())
+    xb, lam = blending.blend(*train, m, perm)
+    g = torch.autograd.grad(blending.blended_loss(net(xb), train[1], perm, lam), w, create_graph=True)
+    v = torch.autograd.grad(torch.nn.functional.cross_entropy(net(val[0]), val[1]), w)
+    hv = torch.autograd.grad(g, w, v, retain_graph=True)
+    p = [alpha * (vi + (vi - alpha * hi)) for vi, hi in zip(v, hv, strict=True)]
+    (want,) = torch.autograd.grad(g, [m], p)
+    torch.testing.assert_close(got, -want, rtol=1e-10, atol=1e-14)
+    assert got.abs().sum() > 0
+
+
+def test_alg2_neumann_terms_approach_exact_unrolled(f64: None) -> None:
+    net, m, train, val, perm = _blend_problem()
+    alpha = 0.5  # below 2/λ_max(H): Φ contracts, so the fixed point's residual does not grow
+    w = {k: v.detach() for k, v in net.named_parameters()}
+    step = cb.make_step(net, {}, *train, perm, alpha=alpha)
+    loss_v = cb.make_val_loss(net, {}, *val)
+    cg = hypergrad.implicit(step, loss_v, w, {"M": m}, solver="cg", iters=500).hypergrad["M"]
+    errors = []
+    for k in (1, 10, 100, 1000):
+        cfg = HypergradConfig(method="implicit", solver="neumann", iters=k)
+        neumann = cb.hyper_step(net, m, train, val, perm, cfg=cfg, alpha=alpha).hypergrad["M"]
+        # At a fixed point, K Neumann terms = back-propagation through K + 1 steps of Φ.
+        unrolled = hypergrad.unrolled(step, loss_v, w, {"M": m}, steps=k + 1).hypergrad["M"]
+        assert (neumann - unrolled).norm() < 1e-5 * unrolled.norm(), k
+        errors.append(((neumann - cg).norm() / cg.norm()).item())
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 0.1 < 0.5 < errors[0], errors
