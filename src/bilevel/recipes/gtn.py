@@ -1,0 +1,466 @@
+r"""gtn: Generative Teaching Networks, synthetic data and a learned curriculum for MNIST.
+
+Every outer step trains a *freshly initialised* learner (``bilevel.models.GTNLearner``) for
+``hypergrad.steps`` = T SGD-with-momentum steps on synthetic batches from the teacher
+(:class:`bilevel.meta.teaching.Teacher`), then scores it on a batch of real training images:
+
+.. math::
+
+    x_t = G_\theta(Z_t, y), \quad
+    b_{t+1} = \mu b_t + \nabla_w \ell(f_{w_t}(x_t), y), \quad w_{t+1} = w_t - \eta b_{t+1},
+    \qquad L_{\text{meta}} = \mathrm{NLL}(f_{w_T}(x_{\text{real}}), y_{\text{real}})
+
+and Adam descends the exact unrolled hypergradient :math:`dL_{\text{meta}}/d(\theta, Z, \eta,
+\mu)` (``bilevel.hypergrad.unrolled``; ``hypergrad.method: checkpointed`` recomputes segments
+in the backward pass to save memory). ``teacher.curriculum`` picks ``learned`` / ``random_fixed``
+/ ``random`` inputs ``Z``. The inner loss is the seed's ``KLDiv(log_softmax, onehot)`` with
+mean reduction (= cross-entropy / classes; ``learner.loss: cross_entropy`` drops the /10).
+
+Conventions (as ``GoodAI/GTN`` unless noted): labels ``b mod 10`` along the batch, the same at
+every step; BatchNorm in train mode (batch statistics) in the inner loop and the meta-loss;
+the learner's initial weights are a function of ``(run.seed, outer step)`` only. Unlike the seed,
+test accuracy is measured outside the graph, under ``no_grad``, every ``eval.every`` outer
+steps, with ``eval.batchnorm: batch`` (statistics of each 1000-image test chunk, the seed's
+train-mode protocol) or ``running`` (the learner's running statistics after T steps).
+
+Run it::
+
+    bilevel run gtn/mnist_c_learned.yaml --out runs/gtn/c_learned
+    bilevel gtn shuffle-test runs/gtn/c_learned --learners 100
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from bilevel import hypergrad
+from bilevel.data import IndexSampler, load_dataset
+from bilevel.errors import CheckpointError
+from bilevel.functional import call, module_state
+from bilevel.meta.teaching import Curriculum, Teacher, shuffled_order
+from bilevel.models import GTNLearner, GTNTeacher
+from bilevel.optim import sgd
+from bilevel.report.gtn_plots import accuracy_curves, image_grid, shuffle_boxplot
+from bilevel.runs import (
+    CheckpointConfig,
+    CheckpointStore,
+    HypergradConfig,
+    InnerOptimConfig,
+    LoggingConfig,
+    OuterOptimConfig,
+    RunConfig,
+    RunDir,
+    Section,
+    all_finite,
+    load_layers,
+    on_nonfinite,
+    read_metrics,
+    resolve_device,
+    validate,
+)
+
+
+class DataSection(Section):
+    """Real images: the meta-loss batch comes from ``train``, test accuracy from ``test``."""
+
+    name: Literal["mnist", "digits"] = "mnist"
+    data_dir: str | None = None
+    split_seed: int = Field(0, ge=0)
+    image_size: int = Field(28, ge=12, description="images are resized to this side if needed")
+    scale: Literal["standard", "symmetric"] = Field(
+        "standard", description="standard: (x - mean) / std; symmetric: 2x - 1 in [-1, 1]")
+    meta_batch: int = Field(1024, gt=0, description="real training images in the meta-loss")
+
+
+class TeacherSection(Section):
+    """The generator and its curriculum inputs."""
+
+    curriculum: Curriculum = "learned"
+    batch_size: int = Field(16, gt=0, description="synthetic images per inner step")
+    architecture: Literal["cpu", "original"] = Field(
+        "cpu", description="cpu: 64x7x7 map upsampled (3.3 M weights); original: seed's 103 M")
+    noise_dim: int = Field(64, gt=0)
+    fc1_size: int = Field(1024, gt=0)
+    map_filters: int = Field(64, gt=0)
+    map_size: int = Field(7, gt=0)
+    conv1_filters: int = Field(64, gt=0)
+
+
+class LearnerSection(Section):
+    """The learner CNN and its inner loss."""
+
+    conv1_filters: int = Field(64, gt=0)
+    conv2_filters: int = Field(128, gt=0)
+    loss: Literal["kl_div", "cross_entropy"] = "kl_div"
+
+
+class EvalSection(Section):
+    """Test-set evaluation (no grad, outside the graph) and image grids."""
+
+    every: int = Field(50, gt=0, description="evaluate every N outer steps (and at the end)")
+    test_size: int | None = Field(None, gt=0, description="first N test images (None: all)")
+    batchnorm: Literal["batch", "running"] = "batch"
+    images_every: int = Field(0, ge=0, description="image grid every N steps (0: end only)")
+
+
+class Config(Section):
+    """gtn's config. ``hypergrad.steps`` is the inner loop length T."""
+
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    learner: LearnerSection = LearnerSection()
+    inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.02, momentum=0.5)
+    hypergrad: HypergradConfig = HypergradConfig(method="unrolled", steps=10)
+    outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
+    eval: EvalSection = EvalSection()
+    run: RunConfig
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        problems = []
+        if self.inner.name != "momentum" or not 0 < self.inner.momentum < 1:
+            problems.append("inner: the learner uses SGD with a learned momentum: set "
+                            f"inner.name: momentum and 0 < inner.momentum < 1 (got "
+                            f"{self.inner.name!r}, {self.inner.momentum})")
+        if self.inner.weight_decay:
+            problems.append("inner.weight_decay: gtn learns no weight decay; set it to 0")
+        if self.hypergrad.method not in ("unrolled", "checkpointed", "truncated"):
+            problems.append(f"hypergrad.method: gtn differentiates through the unrolled loop; "
+                            f"use unrolled, checkpointed or truncated, not {self.hypergrad.method!r}")
+        if self.hypergrad.method == "truncated" and self.hypergrad.truncate is None:
+            problems.append("hypergrad.truncate: method 'truncated' needs truncate: K")
+        size = 28 if self.teacher.architecture == "original" else self.data.image_size
+        map_size = 28 if self.teacher.architecture == "original" else self.teacher.map_size
+        if self.data.image_size % map_size or size != self.data.image_size:
+            problems.append(f"teacher.map_size ({map_size}) must divide data.image_size "
+                            f"({self.data.image_size}); the original teacher needs image_size 28")
+        if self.run.nan_policy == "rollback":
+            problems.append("run.nan_policy: gtn supports skip or abort, not rollback (each "
+                            "outer step starts a fresh learner, so skip loses nothing)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def load_images(cfg: DataSection, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"train": (x, y), "test": (x, y)}`` at ``cfg.image_size``, scaled as configured."""
+    ds = load_dataset(cfg.name, cfg.data_dir, split_seed=cfg.split_seed)
+    side = int(ds.info["input_shape"][-1] ** 0.5) if len(ds.info["input_shape"]) == 1 else None
+    mean = float(ds.info["mean"][0]) if "mean" in ds.info else None  # else: train statistics
+    std = float(ds.info["std"][0]) if "std" in ds.info else None
+    out = {}
+    for split in ("train", "test"):
+        part = getattr(ds, split)
+        x = part.x.float()  # [n, 1, h, w] in [0, 1] (digits: [n, 64] -> [n, 1, 8, 8])
+        if side is not None:
+            x = x.view(-1, 1, side, side)
+        if x.shape[-1] != cfg.image_size:
+            x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+                              align_corners=False)
+        if mean is None or std is None:
+            mean, std = float(x.mean()), float(x.std())  # first split: train
+        x = (x - mean) / std if cfg.scale == "standard" else 2 * x - 1
+        out[split] = (x.to(device), part.y.to(device))
+    return out
+
+
+def build_teacher(config: Config, *, seed: int) -> Teacher:
+    tc = config.teacher
+    if tc.architecture == "original":
+        gen = GTNTeacher.original(tc.noise_dim)
+    else:
+        gen = GTNTeacher(tc.noise_dim, fc1_size=tc.fc1_size, map_filters=tc.map_filters,
+                         map_size=tc.map_size, conv1_filters=tc.conv1_filters,
+                         out_size=config.data.image_size)
+    return Teacher(gen, curriculum=tc.curriculum, steps=config.hypergrad.steps,
+                   batch_size=tc.batch_size, noise_dim=tc.noise_dim, lr=config.inner.lr,
+                   momentum=config.inner.momentum, seed=seed)
+
+
+def build_learner(config: Config) -> GTNLearner:
+    return GTNLearner(conv1_filters=config.learner.conv1_filters,
+                      conv2_filters=config.learner.conv2_filters,
+                      image_size=config.data.image_size)
+
+
+def fresh_learner(learner: GTNLearner, *, seed: int) -> dict[str, Any]:
+    """A new learner's inner state ``{params, buffers, opt}``, a function of ``seed`` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in learner.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    params, buffers = module_state(learner)
+    return {"params": params, "buffers": buffers, "opt": sgd.init(params)}
+
+
+def learner_seed(run_seed: int, outer_step: int) -> int:
+    return (run_seed * 1_000_003 + outer_step) % (2**63)
+
+
+def make_inner_step(learner: GTNLearner, teacher: Teacher, config: Config,
+                    drawn: Tensor | None, order: list[int] | None = None, *,
+                    create_graph: bool = True) -> Any:
+    """The pure step map ``state_{t+1} = step(state_t, hp, t)`` of the inner loop.
+
+    ``order[t]`` is the curriculum step shown at inner step ``t`` (the shuffle test);
+    ``None`` is the learned order.
+    """
+    kl = config.learner.loss == "kl_div"
+
+    def step(state: dict[str, Any], hp: dict[str, Tensor], t: int) -> dict[str, Any]:
+        x, y = teacher.batch(hp, t if order is None else order[t], drawn)  # [B, 1, H, W], [B]
+        params = state["params"]
+        learner.train()
+        out, buffers = call(learner, params, state["buffers"], x)  # log-probs [B, 10]
+        loss = F.nll_loss(out, y)
+        if kl:  # the seed's KLDiv(log-probs, onehot), mean over B*C elements, is CE / C
+            loss = loss / out.shape[1]
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        new_params, opt = sgd.step(params, dict(zip(params, grads, strict=True)), state["opt"],
+                                   lr=Teacher.learner_lr(hp), momentum=Teacher.learner_momentum(hp))
+        return {"params": new_params, "buffers": buffers, "opt": opt}
+
+    return step
+
+
+def make_meta_loss(learner: GTNLearner, x: Tensor, y: Tensor, sink: dict[str, Tensor]) -> Any:
+    """``outer_loss(state, hp)``: NLL of the trained learner on real ``(x, y)``; puts the
+    batch accuracy in ``sink["acc"]``."""
+
+    def meta_loss(state: dict[str, Any], hp: dict[str, Tensor]) -> Tensor:
+        learner.train()  # batch statistics of the real batch, as in the seed
+        out, _ = call(learner, state["params"], state["buffers"], x)  # [M, 10]
+        sink["acc"] = (out.argmax(1) == y).float().mean().detach()
+        return F.nll_loss(out, y)
+
+    return meta_loss
+
+
+@torch.no_grad()
+def test_accuracy(learner: GTNLearner, state: dict[str, Any], x: Tensor, y: Tensor, *,
+                  batchnorm: str, chunk: int = 1000) -> float:
+    """Accuracy of the learner ``state`` on ``(x, y)``, outside any graph."""
+    learner.train(batchnorm == "batch")
+    params = {k: v.detach() for k, v in state["params"].items()}
+    correct = 0
+    for i in range(0, len(x), chunk):
+        out, _ = call(learner, params, state["buffers"], x[i: i + chunk])
+        correct += int((out.argmax(1) == y[i: i + chunk]).sum())
+    learner.train()
+    return correct / len(x)
+
+
+def train_learner(learner: GTNLearner, teacher: Teacher, config: Config, *, seed: int,
+                  drawn: Tensor | None, order: list[int] | None = None) -> dict[str, Any]:
+    """Train a fresh learner on the curriculum (no hypergradient) and return its state."""
+    hp = {k: v.detach() for k, v in teacher.hparams().items()}
+    step = make_inner_step(learner, teacher, config, drawn, order, create_graph=False)
+    state = fresh_learner(learner, seed=seed)
+    for t in range(config.hypergrad.steps):
+        state["params"] = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
+        with torch.enable_grad():
+            new = step(state, hp, t)
+        state = {"params": {k: v.detach() for k, v in new["params"].items()},
+                 "buffers": new["buffers"], "opt": new["opt"]._replace(
+                     momentum_buffer={k: v.detach() for k, v in new["opt"].momentum_buffer.items()})}
+    return state
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run(config: Config, run_dir: RunDir) -> dict[str, float]:
+    """Train the teacher; return final test accuracy, learned lr/momentum, meta-loss."""
+    device = resolve_device(config.run.device)
+    data = load_images(config.data, device)
+    x_test, y_test = data["test"]
+    if config.eval.test_size is not None:
+        x_test, y_test = x_test[: config.eval.test_size], y_test[: config.eval.test_size]
+    teacher = build_teacher(config, seed=config.run.seed).to(device)
+    learner = build_learner(config).to(device)
+    hp = teacher.hparams()
+    opt = (torch.optim.Adam if config.outer.name == "adam" else torch.optim.SGD)(
+        hp.values(), lr=config.outer.lr)
+    meta_sampler = IndexSampler(len(data["train"][0]), config.data.meta_batch,
+                                seed=config.run.seed, device=device)
+    noise_rng = torch.Generator(device=device).manual_seed(config.run.seed + 1)
+    steps_T = config.hypergrad.steps
+
+    def snapshot() -> dict[str, Any]:
+        return {"teacher": teacher.state_dict(), "outer_opt": opt.state_dict(),
+                "meta_sampler": meta_sampler.state_dict(), "noise_rng": noise_rng.get_state()}
+
+    start = 0
+    if (ckpt := run_dir.restore()) is not None:
+        teacher.load_state_dict(ckpt.state["teacher"])
+        opt.load_state_dict(ckpt.state["outer_opt"])
+        meta_sampler.load_state_dict(ckpt.state["meta_sampler"])
+        noise_rng.set_state(ckpt.state["noise_rng"])
+        start = ckpt.step
+    else:
+        run_dir.checkpoint(0, snapshot(), force=True)
+
+    result: dict[str, float] = {}
+    for step in run_dir.steps(start, config.run.max_steps):
+        t0 = time.perf_counter()
+        idx = next(meta_sampler)
+        x_meta, y_meta = data["train"][0][idx], data["train"][1][idx]  # [M, 1, H, W], [M]
+        drawn = teacher.sample_noise(generator=noise_rng)  # [T, B, d] for 'random', else None
+        state0 = fresh_learner(learner, seed=learner_seed(config.run.seed, step))
+        inner_step = make_inner_step(learner, teacher, config, drawn)
+        meta_out: dict[str, Tensor] = {}
+        meta_loss = make_meta_loss(learner, x_meta, y_meta, meta_out)
+        r = hypergrad.unrolled(inner_step, meta_loss, state0, hp, steps=steps_T,
+                               checkpoint=config.hypergrad.method == "checkpointed",
+                               truncate=config.hypergrad.truncate
+                               if config.hypergrad.method == "truncated" else None,
+                               check_finite=False)
+        grads = [r.hypergrad[k] for k in hp]
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if all_finite(grads) and bool(torch.isfinite(r.outer_loss)):
+            for p, g in zip(hp.values(), grads, strict=True):
+                p.grad = g
+            if config.outer.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(hp.values()), config.outer.grad_clip)
+            opt.step()
+        else:  # skip: the teacher does not move; abort raises
+            on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")
+        seconds = time.perf_counter() - t0
+
+        last = step == config.run.max_steps
+        values: dict[str, float] = {}
+        if step % config.logging.every == 0 or last:
+            values.update({"meta/loss": float(r.outer_loss), "meta/acc": float(meta_out["acc"]),
+                           "hyper/lr": float(Teacher.learner_lr(hp).detach()),
+                           "hyper/momentum": float(Teacher.learner_momentum(hp).detach()),
+                           "hypergrad/norm": float(gnorm), "time/outer_s": seconds,
+                           "sys/rss_mb": rss_mb(), "sys/peak_rss_mb": peak_rss_mb()})
+        if step % config.eval.every == 0 or last:
+            values["test/acc"] = test_accuracy(learner, r.state, x_test, y_test,
+                                               batchnorm=config.eval.batchnorm)
+        if values:
+            run_dir.log(step, values)
+            result.update(values)
+        every_img = config.eval.images_every
+        if last or (every_img and step % every_img == 0):
+            save_grid(teacher, run_dir.path / "images" / f"step-{step:06d}.png", drawn,
+                      title=f"{config.teacher.curriculum}, outer step {step}")
+        run_dir.checkpoint(step, snapshot(), force=last)
+
+    keep = ("test/acc", "meta/loss", "meta/acc", "hyper/lr", "hyper/momentum")
+    return {k: result[k] for k in keep if k in result}
+
+
+@torch.no_grad()
+def save_grid(teacher: Teacher, path: Any, drawn: Tensor | None, *, title: str) -> None:
+    """Write the curriculum's images (rows = inner steps, columns = batch) as a PNG."""
+    hp = {k: v.detach() for k, v in teacher.hparams().items()}
+    images = torch.stack([teacher.batch(hp, t, drawn)[0] for t in range(teacher.steps)])
+    image_grid(images, path, labels=teacher.labels.tolist(), title=title)
+
+
+# ---------------------------------------------------------------- shuffle test
+
+
+def shuffle_test(run_path: str | Path, *, learners: int = 100, test_size: int | None = None,
+                 seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    """Train fresh learners on a finished run's curriculum, in order and with steps shuffled.
+
+    Learner ``i`` starts from the same initial weights in both arms (a paired comparison);
+    the shuffled arm shows curriculum step ``order[t]`` at inner step ``t``, a non-identity
+    permutation drawn per learner (:func:`bilevel.meta.teaching.shuffled_order`). For the
+    ``random`` curriculum each learner gets its own fresh noise, shared by both arms.
+
+    Writes ``shuffle.json`` (accuracies, permutations, medians and quartiles) and
+    ``shuffle.png`` (box plot) into ``out`` (default: the run directory).
+
+    Returns:
+        The contents of ``shuffle.json``.
+    """
+    run_path = Path(run_path)
+    config = validate(Config, load_layers([run_path / "config.yaml"]), ignore=("recipe",))
+    found = CheckpointStore(run_path / "checkpoints").load_latest(report=print)
+    if found is None:
+        raise CheckpointError(f"{run_path}: no checkpoint to take the teacher from; run it first")
+    entry, payload = found
+    device = resolve_device(config.run.device)
+    data = load_images(config.data, device)
+    x_test, y_test = data["test"]
+    if test_size is not None:
+        x_test, y_test = x_test[:test_size], y_test[:test_size]
+    teacher = build_teacher(config, seed=config.run.seed).to(device)
+    teacher.load_state_dict(payload["state"]["teacher"])
+    learner = build_learner(config).to(device)
+    rng = torch.Generator().manual_seed(seed)
+    arms: dict[str, list[float]] = {"in order": [], "shuffled": []}
+    orders = []
+    for i in range(learners):
+        drawn = teacher.sample_noise(generator=rng)
+        order = shuffled_order(config.hypergrad.steps, generator=rng)
+        orders.append(order)
+        for arm, o in (("in order", None), ("shuffled", order)):
+            state = train_learner(learner, teacher, config, seed=10**9 + seed * learners + i,
+                                  drawn=drawn, order=o)
+            arms[arm].append(test_accuracy(learner, state, x_test, y_test,
+                                           batchnorm=config.eval.batchnorm))
+    result = {"run": str(run_path), "outer_step": entry.step, "curriculum": config.teacher.curriculum,
+              "learners": learners, "test_size": len(x_test), "seed": seed,
+              "summary": {arm: _quartiles(v) for arm, v in arms.items()},
+              "accuracy": arms, "orders": orders}
+    out_dir = Path(out) if out is not None else run_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shuffle.json").write_text(json.dumps(result, indent=1))
+    shuffle_boxplot(arms, out_dir / "shuffle.png",
+                    title=f"{config.teacher.curriculum}, outer step {entry.step}, {learners} learners")
+    return result
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    q1, med, q3 = np.quantile(np.asarray(values), [0.25, 0.5, 0.75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "mean": float(np.mean(values))}
+
+
+def accuracy_plot(runs: list[str], out: str | Path, *, labels: list[str] | None = None,
+                  title: str = "test accuracy") -> Path:
+    """Plot ``test/acc`` against outer step for several run directories (one line each)."""
+    curves = {}
+    for i, path in enumerate(runs):
+        records = [r for r in read_metrics(Path(path) / "metrics.jsonl") if "test/acc" in r]
+        if labels is not None:
+            label = labels[i]
+        else:
+            cfg = validate(Config, load_layers([Path(path) / "config.yaml"]), ignore=("recipe",))
+            label = f"{cfg.teacher.curriculum} ({Path(path).name})"
+        curves[label] = ([r["step"] for r in records], [r["test/acc"] for r in records])
+    return accuracy_curves(curves, out, title=title)
