@@ -1,0 +1,129 @@
+"""onepass end to end through the CLI on tiny UCI Energy settings (real data from shared/),
+plus CIFAR-10 and Penn Treebank through the recipe's data hook on tiny tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel.cli import main
+from bilevel.data import Dataset, Split, fetch_dataset
+from bilevel.recipes import shipped_configs, start
+from tests.conftest import shared_data_dir
+
+ALGOS = sorted(p.stem for p in shipped_configs() if p.parent.name == "onepass"
+               and not p.stem.startswith(("uci_", "fashion", "cifar", "ptb")))
+TINY = ["--set", "run.max_steps=12", "--set", "logging.every=2", "--set", "logging.progress=false",
+        "--set", "algorithm.hyper_steps=3", "--set", "inner.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("shared UCI data not present")
+    d = tmp_path_factory.mktemp("data")
+    fetch_dataset("uci_energy", d, from_dir=shared)
+    return d
+
+
+def _run(tmp: Path, data_dir: Path, algo: str, *extra: str) -> dict[str, float]:
+    out = tmp / algo
+    steps = {"baydin": ["--set", "algorithm.weight_steps=1"]}.get(algo, [])
+    if "diff_through_opt" in algo:
+        steps = ["--set", "algorithm.weight_steps=4", "--set", "algorithm.lookback=4"]
+    code = main(["run", "onepass/uci_energy.yaml", f"onepass/{algo}.yaml", "--out", str(out),
+                 "--set", f"data.data_dir={data_dir}", *TINY, *steps, *extra])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algorithm_runs_end_to_end(tmp_path: Path, data_dir: Path, algo: str) -> None:
+    s = _run(tmp_path, data_dir, algo)
+    assert math.isfinite(s["test/loss_unnormalised"]) and s["test/loss"] > 0
+    lr = [r["hyper/lr" if "hdlr" not in algo else "hyper/lr_q50"] for r in _records(tmp_path / algo)
+          if "hyper/lr" in r or "hyper/lr_q50" in r]
+    learns_lr = algo.startswith(("ours", "baydin")) or "diff_through_opt" in algo
+    if learns_lr:
+        assert lr[-1] != pytest.approx(0.01, rel=1e-6)
+    elif algo == "random_lr":
+        assert lr[-1] == pytest.approx(0.01 * s["hyper/lr"] / 0.01)
+    else:
+        assert lr[-1] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_random_lr_multiplies_after_each_hyper_step(tmp_path: Path, data_dir: Path) -> None:
+    s = _run(tmp_path, data_dir, "random_lr", "--set", "algorithm.lr_multiplier=0.9")
+    assert s["hyper/lr"] == pytest.approx(0.01 * 0.9 ** 3, rel=1e-5)
+
+
+def test_divergence_is_recorded_as_nan_not_a_crash(tmp_path: Path, data_dir: Path) -> None:
+    s = _run(tmp_path, data_dir, "random", "--set", "inner.lr=1.0", "--set", "inner.momentum=0.99",
+             "--set", "algorithm.hyper_steps=20", "--set", "run.max_steps=200")
+    assert math.isnan(s["test/loss_unnormalised"])
+    assert any(r.get("event") == "diverged" for r in _records(tmp_path / "random"))
+
+
+def test_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "onepass/uci_energy.yaml", "onepass/random.yaml", "--out", str(tmp_path / "x"),
+                 "--set", "algorithm.learn=[lr]"])
+    assert code == 2 and "algorithm.learn: []" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path: Path, data_dir: Path) -> None:
+    args = ["onepass/uci_energy.yaml", "onepass/ours_wd_lr_m.yaml", *TINY, "--set",
+            f"data.data_dir={data_dir}", "--set", "checkpoint.every=1", "--set", "algorithm.hyper_steps=5"]
+    env = {**os.environ, "BILEVEL_FAULT": "hyper@3", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "bilevel", "run", *args, "--out", str(tmp_path / "k")],
+                            env=env, capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert main(["resume", str(tmp_path / "k")]) == 0
+    assert main(["run", *args, "--out", str(tmp_path / "ref")]) == 0
+    strip = [{k: v for k, v in r.items() if k != "wall"} for r in _records(tmp_path / "k")]
+    assert strip == [{k: v for k, v in r.items() if k != "wall"} for r in _records(tmp_path / "ref")]
+
+
+def _tiny_cifar() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    def split(n: int) -> Split:  # the loader's format: [n, 3, 32, 32] in [0, 1], int64 labels
+        return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g).float() / 255,
+                     torch.randint(0, 10, (n,), generator=g))
+    return Dataset(split(8), split(4), split(4), {"name": "cifar10", "task": "classification", "num_classes": 10})
+
+
+def _tiny_ptb() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    def split(n: int) -> Split:  # token streams: y[i] = x[i + 1]
+        ids = torch.randint(0, 50, (n + 1,), generator=g)
+        return Split(ids[:-1], ids[1:])
+    return Dataset(split(400), split(200), split(200), {"name": "ptb", "task": "language_model",
+                                                        "num_classes": 50, "vocab_size": 50})
+
+
+@pytest.mark.parametrize(("config", "fake", "extra"), [
+    ("cifar10", _tiny_cifar, ["data.batch_size=4", "data.eval_batch_size=4", "run.device=cpu"]),
+    ("ptb", _tiny_ptb, ["data.batch_size=4", "data.bptt=5", "model.embedding_dim=8",
+                        "model.hidden_size=8", "run.device=cpu"]),
+])
+def test_gpu_configs_start_on_tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str,
+                                        fake, extra: list[str]) -> None:
+    import bilevel.recipes._onepass_task as task_module
+
+    monkeypatch.setattr(task_module, "load_dataset", lambda *a, **k: fake())  # the data hook
+    sets = [*extra, "algorithm.weight_steps=2", "run.max_steps=4", "logging.every=2",
+            "logging.progress=false", "logging.tensorboard=false"]
+    _, s = start([f"onepass/{config}.yaml", "onepass/ours_wd_lr_m.yaml"], sets, out=tmp_path / config)
+    key = "test/perplexity" if config == "ptb" else "test/accuracy"
+    assert math.isfinite(s[key]) and s["hyper/lr"] != pytest.approx(1e-3, rel=1e-6)

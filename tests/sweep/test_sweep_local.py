@@ -1,0 +1,124 @@
+"""bilevel sweep: search-space draws, shared initialisations, crash resume, the paper's table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bilevel.errors import ConfigError
+from bilevel.report.collect import RunRecord
+from bilevel.report.onepass_table import markdown, table, three_batched
+from bilevel.report.stats import bootstrap_summary
+from bilevel.sweep import check_space, make_plan, sample
+from bilevel.sweep.plan import Plan
+from tests.conftest import shared_data_dir
+
+SPACE = {"inner.lr": {"dist": "log10_uniform", "low": -6.0, "high": -1.0},
+         "inner.momentum": {"dist": "uniform", "low": 0.0, "high": 1.0}}
+
+
+def test_draws_are_in_range_reproducible_and_stable_under_extension() -> None:
+    draws = [sample(SPACE, i, seed=3) for i in range(200)]
+    assert all(1e-6 <= d["inner.lr"] <= 0.1 and 0 <= d["inner.momentum"] <= 1 for d in draws)
+    assert draws[5] == sample(SPACE, 5, seed=3) and draws[5] != sample(SPACE, 5, seed=4)
+    logs = sorted(math.log10(d["inner.lr"]) for d in draws)
+    assert logs[0] < -5.5 and logs[-1] > -1.5  # log-uniform, not uniform
+
+
+def test_bad_space_lists_every_problem() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)a: dist must.*b: low \(2\) must not exceed"):
+        check_space({"a": {"dist": "gauss"}, "b": {"dist": "uniform", "low": 2, "high": 1}})
+
+
+def test_shared_initialisations_are_identical_across_algorithms(tmp_path: Path) -> None:
+    plan = make_plan(["onepass/uci_energy.yaml"], ["onepass/random.yaml", "onepass/ours_wd_lr_m.yaml",
+                                                  "onepass/lorraine.yaml"], inits=4, seed=7)
+    trials = plan.trials(tmp_path)
+    assert len(trials) == 12
+    for i in range(4):
+        same = [t for t in trials if t.index == i]
+        assert {t.variant for t in same} == {"random", "ours_wd_lr_m", "lorraine"}
+        assert len({tuple(t.overrides) for t in same}) == 1  # identical draws and run.seed
+        assert f"run.seed={7 + i}" in same[0].overrides
+    bigger = Plan(plan.base, plan.variants, plan.space, 6, plan.seed, plan.overrides)
+    assert bigger.trials(tmp_path)[:12] == trials and not bigger.compatible(plan)
+
+
+def test_bootstrap_matches_hand_computation() -> None:
+    # Two runs {1, 3}: a resample of two has mean 1, 2 or 3 with probability 1/4, 1/2, 1/4,
+    # so the bootstrap mean is 2 with std sqrt(1/2); the median of two values is their mean.
+    s = bootstrap_summary([1.0, 3.0, math.nan], resamples=20000)
+    assert (s.n, s.dropped, s.best) == (2, 1, 1.0)
+    assert s.mean == pytest.approx(2.0, abs=0.02) and s.mean_std == pytest.approx(0.5 ** 0.5, abs=0.02)
+    assert s.median == pytest.approx(2.0, abs=0.02) and s.median_std == pytest.approx(0.5 ** 0.5, abs=0.02)
+
+
+def test_three_batched_keeps_the_lowest_validation_loss_of_each_triple() -> None:
+    val = [0.3, 0.1, 0.2, 5.0, math.nan, 4.0, 9.0]
+    test = [30.0, 10.0, 20.0, 50.0, 60.0, 40.0, 90.0]
+    picked = three_batched(val, test, seed=0)
+    assert len(picked) == 2  # the 7th run is left over
+    import numpy as np
+
+    order = np.random.default_rng(0).permutation(7)
+    for k, p in enumerate(picked):
+        trio = [i for i in order[3 * k : 3 * k + 3] if not math.isnan(val[i])]
+        assert p == test[min(trio, key=lambda i: val[i])]
+
+
+def _record(final: float, val: float = 1.0, status: str = "finished") -> RunRecord:
+    return RunRecord(Path("."), {}, status, [{"step": 1, "wall": 2.0, "weight_steps": 10, "test/loss": final}],
+                     {"test/loss": final, "val/loss": val})
+
+
+def test_table_drops_and_counts_nan_and_bolds_within_error() -> None:
+    groups = {"random": [_record(v) for v in (5.0, 7.0, math.nan)],
+              "ours_wd_lr_m": [_record(v) for v in (1.0, 1.2, 1.1)],
+              "random_validation": [_record(v, val=v) for v in (4.0, 2.0, 3.0)]}
+    rows = table(groups, "test/loss")
+    labels = [k for k, _, _ in rows]
+    assert labels == ["random", "random_3_batched", "random_validation", "ours_wd_lr_m"]
+    stats = dict((k, s) for k, s, _ in rows)
+    assert (stats["random"].n, stats["random"].dropped) == (2, 1)
+    assert stats["random_3_batched"].best == 2.0  # the triple's lowest validation loss
+    text = markdown(rows, "test/loss")
+    assert "| Ours WD+LR+M | 3 (0) | **" in text and "| Random | 2 (1) | 6" in text
+
+
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path) -> None:
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("shared UCI data not present")
+    from bilevel.data import fetch_dataset
+
+    fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "bilevel", "sweep", "onepass/uci_energy.yaml", "-a", "onepass/random.yaml",
+           "-a", "onepass/ours_wd_lr.yaml", "--inits", "2", "--parallel", "1", "--out", str(out),
+           "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "run.max_steps=40",
+           "--set", "logging.progress=false", "--set", "checkpoint.every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The worker dies at its 6th hyper-step: the first run (4 hyper-steps) is finished.
+    first = subprocess.run(cmd, env={**env, "BILEVEL_FAULT": "hyper@6"}, capture_output=True, text=True,
+                           check=False)
+    assert first.returncode != 0 and "finished random/init-0000" in first.stdout, first
+    done = out / "random" / "init-0000" / "summary.json"
+    stamp = done.stat().st_mtime_ns
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "skipped  random/init-0000" in second.stdout
+    assert done.stat().st_mtime_ns == stamp  # not redone
+    killed = json.loads((out / "ours_wd_lr" / "init-0000" / "run.json").read_text())
+    assert killed["status"] == "finished"
+    for v in ("random", "ours_wd_lr"):
+        for i in range(2):
+            assert (out / v / f"init-{i:04d}" / "summary.json").is_file()
+    report = subprocess.run([sys.executable, "-m", "bilevel", "sweep-report", str(out), "--no-plots"],
+                            env=env, capture_output=True, text=True, check=False)
+    assert report.returncode == 0 and "Ours WD+LR" in (out / "table.md").read_text()
