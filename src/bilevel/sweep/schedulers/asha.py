@@ -5,7 +5,7 @@ itself as the last rung. Whenever a worker is free (:meth:`ASHA.suggest`), look 
 from the top down: in rung ``k``, rank the trials that finished rung ``k`` by their value;
 the first trial of the top ``⌊n_k / η⌋`` that has not been promoted yet is *promoted*: it
 continues from its own checkpoint to budget ``r_{k+1}``. If no rung has a promotable trial,
-start a new trial (configuration drawn from the space with ``seeded_rng(seed, trial)``) at
+start a new trial (configuration ``Space.draw(trial, seed=seed)``, i.e. initialisation ``trial`` of ``bilevel sweep --inits``) at
 ``r_0``. Ties go to the lower trial number; diverged trials (NaN/inf) rank last and are
 never promoted.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bilevel.errors import ConfigError
 from bilevel.sweep.schedulers._base import AbstractScheduler, Job, score
-from bilevel.sweep.schedulers.space import Space, seeded_rng
+from bilevel.sweep.schedulers.space import Space
 
 
 def rung_budgets(*, min_resource: int, max_resource: int, reduction_factor: int) -> list[int]:
@@ -80,7 +80,7 @@ class ASHA(AbstractScheduler):
                 return self._job(trial, rung + 1, "continue")
         if len(self.configs) < self.max_trials:
             trial = len(self.configs)
-            self.configs[trial] = self.space.sample(seeded_rng(self.seed, "trial", trial))
+            self.configs[trial] = self.space.draw(trial, seed=self.seed)
             return self._job(trial, 0, "new")
         return None
 
@@ -110,7 +110,7 @@ class RandomSearch(AbstractScheduler):
         t = self._next
         self._next += 1
         return Job(id=t, trial=t, budget=self.max_resource,
-                   config=self.space.sample(seeded_rng(self.seed, "trial", t)))
+                   config=self.space.draw(t, seed=self.seed))
 
     def report(self, job: Job, value: float) -> None:
         self.results[job.trial] = value

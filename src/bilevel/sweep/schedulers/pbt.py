@@ -14,7 +14,7 @@ and, with ``n = min(⌈population · quantile⌉, ⌊population / 2⌋)``:
 
 All random choices for generation ``g`` come from ``seeded_rng(seed, "pbt", g)``, so a sweep
 is reproducible (Ray Tune's asynchronous ``PopulationBasedTraining`` has no seed). The
-initial configurations are ``seeded_rng(seed, "trial", t)`` draws, as in the other schedulers.
+initial configurations are ``Space.draw(t, seed=seed)``, as in the other schedulers.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PBT(AbstractScheduler):
         self.quantile, self.resample_probability, self.factors = (
             quantile, resample_probability, factors)
         self.generation = 0
-        self.configs = {t: space.sample(seeded_rng(seed, "trial", t)) for t in range(population)}
+        self.configs = {t: space.draw(t, seed=seed) for t in range(population)}
         self.values: dict[int, float] = {}     # this generation's results
         self.last_job: dict[int, int] = {}     # trial -> id of its latest job
         self.plan: dict[int, Job] = {}         # this generation's jobs not yet handed out

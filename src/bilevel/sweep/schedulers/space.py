@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from bilevel.errors import ConfigError
 
 Dist = Literal["uniform", "log10_uniform"]
@@ -119,6 +121,14 @@ class Space(Mapping[str, Param]):
     def sample(self, rng: random.Random) -> dict[str, float]:
         """One configuration (natural values), drawing keys in order."""
         return {k: p.sample(rng) for k, p in self.items()}
+
+    def draw(self, index: int, *, seed: int) -> dict[str, float]:
+        """Initialisation ``index``: the same draw as ``bilevel sweep --inits`` makes
+        (``numpy.random.default_rng([seed, index])``, keys in order), so trial ``t`` of a
+        scheduled sweep starts where initialisation ``t`` of a plain sweep does."""
+        rng = np.random.default_rng([seed, index])
+        return {k: p.clip(p._from_unit(float(rng.uniform(p.low, p.high))))
+                for k, p in self.items()}
 
     def overrides(self, values: Mapping[str, float]) -> list[str]:
         """``--set`` strings for a configuration."""

@@ -1,0 +1,229 @@
+"""Optuna: Bayesian optimisation (TPE, GP) embedded, and one study shared by many workers.
+
+**Embedded BO** (:class:`OptunaBO`, used by the local engine): a scheduler over an Optuna
+study stored in the sweep directory (``study.journal``, Optuna's ``JournalFileBackend``; or
+any ``--storage`` URL). The first ``startup`` trials are initialisations ``0..startup-1`` of
+``bilevel sweep --inits`` (Clarke et al.'s BayesOpt: 5 random + 25 guided = 30), the rest
+are proposed by TPE or the GP sampler. Trial ``k``'s sampler is seeded by ``(seed, k)``
+(Optuna does not store sampler state), so a resumed or repeated BO sweep proposes the same
+points. A diverged run is told the worst finite value seen so far (``bayes_opt`` users cap
+it by hand; Clarke et al. used 150 for Energy).
+
+**Many workers** (:func:`worker`, ``bilevel sweep --engine optuna --storage URL``): start one
+worker per machine (or process) on the same study, PostgreSQL/MySQL for many workers, a
+journal file on a shared disk for a few (SQLite only for one machine). Each trial is a run
+directory ``OUT/trial-NNNN``; with ``--scheduler asha`` it trains in rungs and Optuna's
+``SuccessiveHalvingPruner`` stops the poor ones. A trial whose worker died (its pid is gone
+on this host, or its run's lock heartbeat is older than ``stale_after`` seconds) is marked
+failed and re-enqueued with the same parameters and run directory, so the retry resumes from
+the dead trial's last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bilevel.errors import ConfigError
+from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute
+from bilevel.sweep.schedulers import AbstractScheduler, Job, Space, rung_budgets
+
+
+def storage_for(url: str | None, root: Path) -> Any:
+    """``url`` as Optuna storage; ``None`` -> a journal file in ``root``; a path ending in
+    ``.journal`` -> a journal file there; anything else is an RDB URL (``sqlite:///``,
+    ``postgresql://``)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None or url.endswith(".journal"):
+        path = Path(url) if url else root / "study.journal"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.RDBStorage(url)
+
+
+def make_sampler(name: str, *, seed: int) -> Any:
+    """``tpe`` or ``gp`` (Optuna's Gaussian-process BO), seeded; no startup phase (the
+    startup points are enqueued initialisations)."""
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0, deterministic_objective=True)
+    raise ConfigError(f"--sampler {name!r}: use 'tpe' or 'gp'")
+
+
+def _quiet() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class OptunaBO(AbstractScheduler):
+    """BO as a scheduler: ``n_trials`` full-budget jobs proposed by an Optuna sampler."""
+
+    def __init__(self, space: Space, *, storage: Any, study_name: str, sampler: str = "tpe",
+                 n_trials: int = 30, startup: int = 5, max_resource: int, seed: int = 0) -> None:
+        import optuna
+
+        _quiet()
+        self.space, self.sampler, self.n_trials, self.startup = space, sampler, n_trials, startup
+        self.max_resource, self.seed = max_resource, seed
+        self.study = optuna.create_study(storage=storage, study_name=study_name,
+                                         direction="minimize", load_if_exists=True)
+        self.dists = {k: p.to_optuna() for k, p in space.items()}
+        self._next, self._reported = 0, 0
+
+    def suggest(self) -> Job | None:
+        k = self._next
+        if k >= self.n_trials:
+            return None
+        trials = self.study.get_trials(deepcopy=False)
+        if k < len(trials):  # proposed by an earlier (killed) process: same point again
+            params = dict(trials[k].params)
+        else:
+            self.study.sampler = make_sampler(self.sampler, seed=self.seed * 1_000_003 + k)
+            if k < self.startup:
+                self.study.enqueue_trial(self.space.draw(k, seed=self.seed))
+            trial = self.study.ask(self.dists)
+            if trial.number != k:
+                raise ConfigError(f"study {self.study.study_name}: trial {trial.number} where "
+                                  f"{k} was expected; another process uses this study (use "
+                                  "--engine optuna for several workers)")
+            params = dict(trial.params)
+        self._next += 1
+        return Job(id=k, trial=k, budget=self.max_resource, config=params)
+
+    def report(self, job: Job, value: float) -> None:
+        import optuna
+
+        self._reported += 1
+        frozen = self.study.get_trials(deepcopy=False)[job.id]
+        if frozen.state.is_finished():
+            return  # told before a kill; the ledger replays it
+        finite = [t.value for t in self.study.get_trials(deepcopy=False)
+                  if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+        if math.isfinite(value):
+            self.study.tell(job.id, value)
+        elif finite:
+            self.study.tell(job.id, max(finite))
+        else:
+            self.study.tell(job.id, state=optuna.trial.TrialState.FAIL)
+
+    @property
+    def done(self) -> bool:
+        return self._reported >= self.n_trials
+
+
+# -- many workers on one study -----------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(trial: Any, *, stale_after: float) -> bool:
+    who = trial.user_attrs.get("worker")
+    if who and who.get("host") == socket.gethostname():
+        return not _alive(int(who["pid"]))
+    lock = Path(trial.user_attrs.get("path", "")) / "lock"
+    last = lock.stat().st_mtime if lock.exists() else trial.datetime_start.timestamp()
+    return time.time() - last > stale_after
+
+
+def retry_stale(study: Any, *, stale_after: float = 60.0) -> list[int]:
+    """Fail RUNNING trials whose worker is dead and enqueue them again (same parameters,
+    same run directory, so the retry resumes from the last checkpoint). Returns their
+    numbers. Two workers racing for one trial: only the one that fails it re-enqueues."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _stale(t, stale_after=stale_after):
+            continue
+        try:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except (UpdateFinishedTrialError, RuntimeError):
+            continue
+        attrs = {k: t.user_attrs[k] for k in ("path", "index") if k in t.user_attrs}
+        study.enqueue_trial(dict(t.params), user_attrs={**attrs, "retry_of": t.number})
+        retried.append(t.number)
+    return retried
+
+
+def _count(study: Any) -> tuple[int, int]:
+    import optuna
+
+    s = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    live = sum(t.state in (s.COMPLETE, s.PRUNED, s.RUNNING, s.WAITING) for t in trials)
+    return live, sum(t.state == s.WAITING for t in trials)
+
+
+def worker(*, space: Space, root: str | Path, configs: Sequence[str], study_name: str,
+           storage: str | None = None, overrides: Sequence[str] = (), metric: str = "val/loss",
+           seed: int = 0, n_trials: int, sampler: str = "tpe", max_resource: int,
+           asha: dict[str, int] | None = None, stale_after: float = 60.0,
+           on_result: Callable[[int, JobResult], None] | None = None) -> None:
+    """One worker of a shared study: take trials until ``n_trials`` are done or running.
+
+    Args:
+        asha: ``{"min_resource", "reduction_factor"}`` to train in rungs under Optuna's
+            ``SuccessiveHalvingPruner`` (ASHA); ``None`` trains every trial to the end.
+    """
+    import optuna
+
+    _quiet()
+    root = Path(root)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=asha["min_resource"], reduction_factor=asha["reduction_factor"])
+        if asha else optuna.pruners.NopPruner())
+    budgets = (rung_budgets(min_resource=asha["min_resource"], max_resource=max_resource,
+                            reduction_factor=asha["reduction_factor"]) if asha else [max_resource])
+    study = optuna.create_study(storage=storage_for(storage, root), study_name=study_name,
+                                direction="minimize", load_if_exists=True, pruner=pruner,
+                                sampler=make_sampler(sampler, seed=seed + os.getpid()))
+    dists = {k: p.to_optuna() for k, p in space.items()}
+    while True:
+        retry_stale(study, stale_after=stale_after)
+        live, waiting = _count(study)
+        if live >= n_trials and not waiting:
+            return
+        trial = study.ask(dists)
+        index = int(trial.user_attrs.get("index", trial.number))
+        path = trial.user_attrs.get("path") or str(root / f"trial-{index:04d}")
+        trial.set_user_attr("index", index)
+        trial.set_user_attr("path", path)
+        trial.set_user_attr("worker", {"pid": os.getpid(), "host": socket.gethostname()})
+        value, start = math.nan, 0
+        for rung, budget in enumerate(budgets):
+            job = Job(id=trial.number, trial=index, budget=budget, config=dict(trial.params),
+                      kind="new" if rung == 0 else "continue", rung=rung, start=start)
+            result = execute(JobSpec(job, path, tuple(configs), tuple(overrides), metric, seed))
+            value, start = result.value, budget
+            if on_result:
+                on_result(trial.number, result)
+            if not math.isfinite(value):
+                break
+            trial.report(value, budget)
+            if budget < max_resource and trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+            continue
+        if not math.isfinite(value):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
