@@ -92,15 +92,16 @@ def _finished_at(path: Path, budget: int) -> dict[str, float] | None:
 
 
 def warm_start(donor_snapshot: Path, path: Path, configs: Sequence[str],
-               overrides: Sequence[str]) -> None:
+               overrides: Sequence[str], *, adopt: bool = True) -> None:
     """Make ``path`` a run directory of the new config whose only checkpoint is the donor's
-    state (adopted to the config); ``bilevel resume path`` then trains on from it."""
+    state (adopted to the config unless ``adopt=False``, for a restart of the same trial);
+    ``bilevel resume path`` then trains on from it."""
     from bilevel.recipes import get, resolve
     from bilevel.runs import CheckpointStore, RunDir
 
     name, config, resolved = resolve(configs, overrides)
-    adopt = getattr(get(name), "adopt_state", None) or ADOPT.get(name)
-    if adopt is None:
+    adopter = getattr(get(name), "adopt_state", None) or ADOPT.get(name)
+    if adopter is None and adopt:
         raise ConfigError(f"PBT cannot hand a checkpoint of recipe {name!r} a new config: add "
                           f"`adopt_state(state, config)` to the recipe (or an entry in "
                           f"bilevel.sweep.engines._jobs.ADOPT); recipes that have one: "
@@ -110,7 +111,8 @@ def warm_start(donor_snapshot: Path, path: Path, configs: Sequence[str],
     resolved.pop("recipe")
     run_dir = RunDir.create(path, resolved, recipe=name)
     payload = torch.load(donor_snapshot, weights_only=True)
-    payload.update(state=adopt(payload["state"], config), config=run_dir.config,
+    state = adopter(payload["state"], config) if adopt and adopter else payload["state"]
+    payload.update(state=state, config=run_dir.config,
                    config_hash=run_dir.config_hash, metrics_offset=0)
     CheckpointStore(path / "checkpoints", keep_last=run_dir.checkpointing.keep_last).save(
         payload["step"], payload)
