@@ -40,8 +40,8 @@ RECIPES: dict[str, str] = {
     "gtn": "bilevel.recipes.gtn",
     "mnist_lr": "bilevel.recipes.mnist_lr",
     "onepass": "bilevel.recipes.onepass",
-    "onepass": "bilevel.recipes.onepass",
     "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
+    "auxilearn": "bilevel.recipes.auxilearn",
 }
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 

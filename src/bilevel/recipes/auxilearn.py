@@ -1,0 +1,274 @@
+"""auxilearn: learn how to combine auxiliary losses (Navon et al., ICLR 2021) on few labels.
+
+Main task: digit classification from ``tasks.labels_per_class`` labelled images per class.
+Auxiliary tasks, all on the same images, of mixed usefulness:
+
+* ``parity`` (even/odd) and ``gt4`` (digit > 4): coarse versions of the main label;
+* ``rotation``: predict which multiple of 90° the image was rotated by (self-supervised);
+* ``noise``: a fixed random 10-class label per image, deliberately harmful.
+
+A shared trunk (MLP) has one head per task; ``losses[b, j]`` is the per-example loss matrix
+``[B, T]`` (column 0 is the main task). ``method`` picks the training loss:
+``stl`` (main only), ``equal`` (sum of all columns), or a learned combiner ``linear``
+(monotone, weights start at 1 = equal weighting) or ``nonlinear`` (monotone MLP with a skip
+connection on the main loss). For the learned ones, ``meta.aux_per_class`` images per class are
+held out of the labelled pool as the *auxiliary set* (the primary net never trains on them;
+the baselines train on the whole pool, so every method sees the same labels). Every
+``meta.every`` steps, following AuxiLearn's protocol::
+
+    L_A = main-task loss on one batch of the auxiliary set
+    L_T = combiner(losses) on one training batch
+    MetaOptimizer.step(train_loss=L_T, val_loss=L_A, parameters=w, aux_params=φ); clamp()
+
+Validation accuracy (a fixed subset of the validation split) picks the reported test accuracy.
+
+Run it::
+
+    bilevel data fetch mnist
+    bilevel run auxilearn/mnist_linear.yaml --out runs/auxilearn-linear
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from bilevel.data import IndexSampler, load_dataset
+from bilevel.hypergrad import MetaOptimizer
+from bilevel.meta.auxiliary import LinearCombiner, NonlinearCombiner, task_weights
+from bilevel.runs import (
+    CheckpointConfig,
+    DataConfig,
+    InnerOptimConfig,
+    LoggingConfig,
+    ModelConfig,
+    RunConfig,
+    RunDir,
+    Section,
+    resolve_device,
+)
+
+TASKS = {"parity": 2, "gt4": 2, "rotation": 4, "noise": 10}  # auxiliary task -> classes
+
+
+class TasksConfig(Section):
+    """The labelled pool and the auxiliary tasks (the main task is always digit class)."""
+
+    labels_per_class: int = Field(10, gt=1, description="labelled training images per class")
+    auxiliary: list[Literal["parity", "gt4", "rotation", "noise"]] = Field(
+        default_factory=lambda: ["parity", "gt4", "rotation", "noise"])
+    val_size: int = Field(1000, gt=0, description="validation images used for model selection")
+
+
+class MetaConfig(Section):
+    """AuxiLearn's meta-step: MetaOptimizer settings and the meta-optimiser (SGD)."""
+
+    combiner_hidden: list[int] = Field([10], description="hidden widths (nonlinear only)")
+    aux_per_class: int = Field(2, gt=0, description="labelled images per class held out")
+    every: int = Field(5, gt=0, description="meta-step every N primary steps")
+    batch_size: int = Field(32, gt=0, description="training batch of the meta-step")
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    hpo_lr: float = Field(0.05, gt=0.0, description="Neumann step α (AuxiLearn: primary lr)")
+    truncate_iter: int = Field(3, ge=0)
+    max_grad_norm: float | None = Field(10.0, gt=0.0)
+    on_divergence: Literal["raise", "identity"] = "identity"
+
+
+class Config(Section):
+    """auxilearn's config."""
+
+    method: Literal["stl", "equal", "linear", "nonlinear"] = "linear"
+    data: DataConfig = DataConfig(name="mnist", batch_size=32)
+    tasks: TasksConfig = TasksConfig()
+    model: ModelConfig = ModelConfig(name="mlp", hidden=[256, 128])
+    inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.05, momentum=0.9,
+                                               weight_decay=5e-4)
+    meta: MetaConfig = MetaConfig()
+    eval_every: int = Field(100, gt=0, description="evaluate val/test accuracy every N steps")
+    run: RunConfig
+    logging: LoggingConfig = LoggingConfig(every=50)
+    checkpoint: CheckpointConfig = CheckpointConfig(every=500)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.data.name not in ("mnist", "digits"):
+            raise ValueError(f"data.name must be 'mnist' or 'digits', got {self.data.name!r}")
+        if self.method in ("linear", "nonlinear") and (
+                self.meta.aux_per_class >= self.tasks.labels_per_class):
+            raise ValueError(
+                f"meta.aux_per_class ({self.meta.aux_per_class}) must be below "
+                f"tasks.labels_per_class ({self.tasks.labels_per_class}): the auxiliary set is "
+                "held out of the labelled pool and the primary net needs images to train on")
+        return self
+
+
+def _splits(config: Config, device: torch.device) -> dict[str, Any]:
+    """Labelled pool (class-balanced, fixed by data.split_seed), aux set, val subset, test."""
+    ds = load_dataset(config.data.name, data_dir=config.data.data_dir)
+    side = 28 if config.data.name == "mnist" else 8
+    img = lambda x: x.reshape(len(x), 1, side, side).to(device)  # noqa: E731
+    g = torch.Generator().manual_seed(config.data.split_seed)
+    per_class = config.tasks.labels_per_class
+    hold = config.meta.aux_per_class if config.method in ("linear", "nonlinear") else 0
+    train_idx, aux_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(ds.train.y == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        train_idx.append(idx[hold:])
+        aux_idx.append(idx[:hold])
+    pool = torch.cat(train_idx)
+    noise = torch.randint(0, 10, (len(ds.train.y),), generator=g)  # fixed random labels
+    val = torch.randperm(len(ds.val.y), generator=g)[: config.tasks.val_size]
+    out = {"train": (img(ds.train.x[pool]), ds.train.y[pool].to(device), noise[pool].to(device)),
+           "val": (img(ds.val.x[val]), ds.val.y[val].to(device)),
+           "test": (img(ds.test.x), ds.test.y.to(device))}
+    if hold:
+        aux = torch.cat(aux_idx)
+        out["aux"] = (img(ds.train.x[aux]), ds.train.y[aux].to(device))
+    return out
+
+
+class MultiTaskNet(nn.Module):
+    """A shared MLP trunk over the flattened image and one linear head per task."""
+
+    def __init__(self, in_dim: int, hidden: list[int], heads: dict[str, int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), nn.ReLU()]
+            in_dim = h
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({k: nn.Linear(in_dim, n) for k, n in heads.items()})
+
+    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        return self.heads[head](self.trunk(x))
+
+
+def per_task_losses(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor,
+                    rot: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """The per-example loss matrix ``[B, 1 + len(tasks)]``, main task first."""
+    z = model.trunk(x)
+    targets = {"parity": y % 2, "gt4": (y > 4).long(), "noise": noise}
+    cols = [F.cross_entropy(model.heads["main"](z), y, reduction="none")]
+    for t in tasks:
+        if t == "rotation":  # rotate image b by rot[b] * 90 degrees, predict rot[b]
+            xr = torch.stack([torch.rot90(xi, int(k), (1, 2)) for xi, k in zip(x, rot, strict=True)])
+            cols.append(F.cross_entropy(model(xr, "rotation"), rot, reduction="none"))
+        else:
+            cols.append(F.cross_entropy(model.heads[t](z), targets[t], reduction="none"))
+    return torch.stack(cols, 1)  # [B, T]
+
+
+@torch.no_grad()
+def accuracy(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x, "main").argmax(1) == y).float().mean())
+
+
+def run(config: Config, run_dir: RunDir) -> dict[str, float]:
+    """Train the multi-task net with ``config.method``; return test accuracy at best val."""
+    device = resolve_device(config.run.device)
+    data = _splits(config, device)
+    tasks = list(config.tasks.auxiliary)
+    x_tr, y_tr, noise_tr = data["train"]
+    model = MultiTaskNet(x_tr[0].numel(), config.model.hidden,
+                         {"main": 10, **{t: TASKS[t] for t in tasks}}).to(device)
+    inner = config.inner
+    opt = torch.optim.SGD(model.parameters(), lr=inner.lr, weight_decay=inner.weight_decay,
+                          momentum=inner.momentum if inner.name != "sgd" else 0.0)
+    sampler = IndexSampler(len(y_tr), config.data.batch_size, seed=config.run.seed)
+    n_tasks = 1 + len(tasks)
+    combiner: nn.Module | None = None
+    if config.method == "linear":
+        combiner = LinearCombiner(n_tasks, monotone=True, init_value=1.0)
+    elif config.method == "nonlinear":
+        combiner = NonlinearCombiner(n_tasks, hidden_sizes=config.meta.combiner_hidden,
+                                     monotone=True)
+    meta_opt, aux_sampler = None, None
+    if combiner is not None:
+        combiner.to(device)
+        m = config.meta
+        meta_opt = MetaOptimizer(
+            torch.optim.SGD(combiner.parameters(), lr=m.lr, momentum=m.momentum,
+                            weight_decay=m.weight_decay),
+            hpo_lr=m.hpo_lr, truncate_iter=m.truncate_iter, max_grad_norm=m.max_grad_norm,
+            on_divergence=m.on_divergence)
+        aux_sampler = IndexSampler(len(data["aux"][1]), min(m.batch_size, len(data["aux"][1])),
+                                   seed=config.run.seed + 1)
+        meta_sampler = IndexSampler(len(y_tr), m.batch_size, seed=config.run.seed + 2)
+    best = {"val/acc": -1.0, "test/acc_at_best_val": 0.0, "best_step": 0.0}
+
+    def train_loss(idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rot = (idx + step) % 4  # deterministic rotations: resumable without extra RNG
+        ell = per_task_losses(model, x_tr[idx], y_tr[idx], noise_tr[idx], rot, tasks)
+        if config.method == "stl":
+            return ell[:, 0].mean(), ell
+        if config.method == "equal":
+            return ell.sum(1).mean(), ell
+        assert combiner is not None
+        return combiner(ell), ell
+
+    def snapshot() -> dict[str, Any]:
+        state = {"model": model.state_dict(), "opt": opt.state_dict(),
+                 "sampler": sampler.state_dict(), "best": dict(best)}
+        if combiner is not None and meta_opt is not None and aux_sampler is not None:
+            state |= {"combiner": combiner.state_dict(), "meta_opt": meta_opt.state_dict(),
+                      "aux_sampler": aux_sampler.state_dict(),
+                      "meta_sampler": meta_sampler.state_dict()}
+        return state
+
+    start = 0
+    if (ckpt := run_dir.restore()) is not None:
+        s = ckpt.state
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        sampler.load_state_dict(s["sampler"])
+        best.update(s["best"])
+        if combiner is not None and meta_opt is not None and aux_sampler is not None:
+            combiner.load_state_dict(s["combiner"])
+            meta_opt.load_state_dict(s["meta_opt"])
+            aux_sampler.load_state_dict(s["aux_sampler"])
+            meta_sampler.load_state_dict(s["meta_sampler"])
+        start = ckpt.step
+
+    for step in run_dir.steps(start, config.run.max_steps):
+        model.train()
+        loss, ell = train_loss(next(sampler), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        record: dict[str, float] = {}
+        if meta_opt is not None and combiner is not None and step % config.meta.every == 0:
+            x_a, y_a = data["aux"]
+            a_idx = next(aux_sampler)
+            val_loss = F.cross_entropy(model(x_a[a_idx], "main"), y_a[a_idx])
+            meta_loss, ell = train_loss(next(meta_sampler), step)
+            meta_opt.step(train_loss=meta_loss, val_loss=val_loss,
+                          parameters=list(model.parameters()), aux_params=combiner.parameters())
+            combiner.clamp()
+            record |= {"meta/aux_loss": float(val_loss.detach()), "meta/grad_norm":
+                       meta_opt.last_info["grad_norm"]}
+        if step % config.eval_every == 0 or step == config.run.max_steps:
+            val_acc, test_acc = accuracy(model, *data["val"]), accuracy(model, *data["test"])
+            record |= {"val/acc": val_acc, "test/acc": test_acc}
+            if val_acc > best["val/acc"]:
+                best.update({"val/acc": val_acc, "test/acc_at_best_val": test_acc,
+                             "best_step": float(step)})
+        if step % config.logging.every == 0 or step == config.run.max_steps:
+            record["train/loss"] = float(loss.detach())
+            weights = (task_weights(combiner, ell) if combiner is not None else
+                       torch.tensor([1.0] + [float(config.method == "equal")] * len(tasks)))
+            record |= {f"weight/{name}": float(w) for name, w in
+                       zip(["main", *tasks], weights, strict=True)}
+        if record:
+            run_dir.log(step, record)
+        run_dir.checkpoint(step, snapshot(), force=step == config.run.max_steps)
+
+    final = {"test/acc": accuracy(model, *data["test"]), "val/acc_final": accuracy(model, *data["val"])}
+    return {**final, **best}
