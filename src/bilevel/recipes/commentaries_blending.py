@@ -261,3 +261,44 @@ def _save_grid(path: Path, m: torch.Tensor, step: int, *, last: bool, model: str
     plot_lambda(lam, path / "heatmaps" / f"lambda-step{step}.png", title=f"λ after {step} iterations")
     if last:
         plot_lambda(lam, path / "lambda.png", title=f"learned λ ({step} iterations)")
+
+
+def train_blended(logits: torch.Tensor | None, *, data: dict, seed: int, epochs: float,
+                  model: str = "cbr", lr: float = 0.1, batch_size: int = 128,
+                  device: torch.device | None = None) -> dict[str, float]:
+    """Train a fresh network with fixed blending logits (``None``: plain cross-entropy).
+
+    The seed's evaluation protocol (``test_mixup.py``): SGD(lr 0.1, momentum 0.9, Nesterov,
+    weight decay 5e-4), batch 128, learning rate ×0.1 at 30%, 60% and 80% of training (the
+    seed's epochs 30/60/80 of 100), blended two-target loss with a new partner permutation
+    per batch. Returns final test and train-subsample loss/accuracy.
+    """
+    device = device or torch.device("cpu")
+    torch.manual_seed(seed)
+    net = build_net(model).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = data["train"]
+    sampler = IndexSampler(len(y), batch_size, seed=seed, device=device)
+    total = max(1, round(epochs * sampler.steps_per_epoch))
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=[int(total * f) for f in (0.3, 0.6, 0.8)], gamma=0.1)
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    m = None if logits is None else logits.detach().to(device)
+    for _ in range(total):
+        idx = next(sampler)
+        xb, yb = x[idx], y[idx]
+        net.train()
+        if m is None:
+            loss = F.cross_entropy(net(xb), yb)
+        else:
+            perm = torch.randperm(len(yb), generator=gen).to(device)
+            xm, lam = blending.blend(xb, yb, m, perm)
+            loss = blending.blended_loss(net(xm), yb, perm, lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    test_loss, test_acc = evaluate(net, *data["test"])
+    train_loss, train_acc = evaluate(net, x[:5000], y[:5000])
+    return {"test_loss": test_loss, "test_acc": test_acc, "train_loss": train_loss,
+            "train_acc": train_acc, "steps": float(total)}

@@ -294,3 +294,78 @@ def _write_outputs(path: Path, config: Config, teacher: CBRTeacher, teacher_buff
     unroll_y = torch.stack([trace[t][1] for t in sorted(trace)]).cpu().numpy()
     np.savez(path / "curriculum.npz", progress=grid, weights=weights, labels=y.cpu().numpy(),
              hardness=hardness, unroll_weights=unroll_w, unroll_labels=unroll_y)
+
+
+PROGRESS_MODES = ("clamp", "seed", "stretch")
+
+
+def student_progress(step: int, *, inner_steps: int, total_steps: int, mode: str) -> float:
+    """The iteration-channel value for step ``step`` of a NEW student's training.
+
+    ``seed``: ``step / inner_steps`` (``student_train_weighting.py``; runs far past the
+    ``[0, 1)`` the teacher saw); ``clamp``: the same, capped at the last value the teacher saw,
+    ``(inner_steps − 1) / inner_steps``; ``stretch``: the whole run mapped onto that range.
+    """
+    top = (inner_steps - 1) / inner_steps
+    if mode == "seed":
+        return step / inner_steps
+    if mode == "clamp":
+        return min(step / inner_steps, top)
+    if mode == "stretch":
+        return top * step / max(total_steps - 1, 1)
+    raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
+
+
+def train_student(teacher_file: str | Path | None, *, data: Splits, seed: int, epochs: float,
+                  lr: float = 1e-4, batch_size: int = 64, arch: str = "cbr",
+                  progress_mode: str = "clamp", evals_per_epoch: int = 4,
+                  device: torch.device | None = None) -> dict[str, list[float]]:
+    """Train a new student with a learned teacher weighting its loss (``None``: the baseline).
+
+    The seed's evaluation protocol (``student_train_weighting.py``): Adam(lr) at batch 64 on
+    ``Σ_b c_b·NLL_b`` (``c ≡ 1`` for the baseline), teacher in train mode; accuracy on the
+    test split and a 2,000-image train subsample at step 0 and every ``1/evals_per_epoch``
+    epoch. Returns the curves ``{"step", "epoch", "test_acc", "test_loss", "train_acc"}``.
+    """
+    from bilevel.data import IndexSampler
+    from bilevel.models import resnet18
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(seed)
+    student = (CBRStudent(1, 10) if arch == "cbr" else resnet18(10, in_channels=1)).to(device)
+    teacher, phi, t_buf, inner_steps = None, {}, {}, 100
+    if teacher_file is not None:
+        saved = torch.load(teacher_file, weights_only=True)
+        teacher = CBRTeacher(1, iteration_channel=saved["arch"] == "curr").to(device)
+        phi = {k: v.to(device) for k, v in saved["phi"].items()}
+        t_buf = {k: v.to(device) for k, v in saved["buffers"].items()}
+        inner_steps = int(saved["inner_steps"])
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    x, y = data["train"]
+    sampler = IndexSampler(len(y), batch_size, seed=seed, device=device)
+    total = round(epochs * sampler.steps_per_epoch)
+    every = max(1, sampler.steps_per_epoch // evals_per_epoch)
+    curves: dict[str, list[float]] = {k: [] for k in ("step", "epoch", "test_acc", "test_loss", "train_acc")}
+    for step in range(total + 1):
+        if step % every == 0 or step == total:
+            params, buffers = module_state(student)
+            test_loss, test_acc = accuracy(student, params, buffers, *data["test"])
+            curves["step"].append(step)
+            curves["epoch"].append(step / sampler.steps_per_epoch)
+            curves["test_acc"].append(test_acc)
+            curves["test_loss"].append(test_loss)
+            curves["train_acc"].append(accuracy(student, params, buffers, x[:2000], y[:2000])[1])
+        if step == total:
+            break
+        idx = next(sampler)
+        c = None
+        if teacher is not None:
+            with torch.no_grad():
+                p = student_progress(step, inner_steps=inner_steps, total_steps=total, mode=progress_mode)
+                c = weighting.example_weights(teacher, phi, t_buf, x[idx], progress=p)
+        student.train()
+        loss = weighting.weighted_nll(student(x[idx]), y[idx], c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return curves

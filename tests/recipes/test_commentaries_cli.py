@@ -1,0 +1,121 @@
+"""Both Commentaries recipes and their evaluation commands, end to end through the real CLI
+on tiny settings (scikit-learn's digits upsampled to 28x28: offline, real data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel.cli import main
+from bilevel.errors import ConfigError
+from bilevel.recipes import resolve
+from tests.cli.conftest import assert_same_tree, final_state, metrics_without_wall, run_cli
+
+WEIGHTING = """\
+# bilevel run w.yaml
+recipe: commentaries_weighting
+data: {name: digits, batch_size: 4, val_size: 16, test_size: 32}
+teacher: {arch: curr}
+inner: {name: adam, lr: 1e-2}
+outer: {name: adam, lr: 1e-2}
+hypergrad: {method: HGMETHOD, steps: 3}
+curriculum: {probe_size: 8, points: 3}
+run: {seed: 1, max_steps: 2, nan_policy: skip}
+logging: {every: 1, tensorboard: false, progress: false}
+checkpoint: {every: 1}
+"""
+
+BLENDING = """\
+# bilevel run b.yaml
+recipe: commentaries_blending
+data: {name: digits, batch_size: 16, val_size: 64, test_size: 64, train_size: 128}
+hypergrad: {method: implicit, solver: neumann, iters: 1}
+blending: {heatmap_every: 3}
+run: {seed: 2, max_steps: 6, nan_policy: skip}
+logging: {every: 3, tensorboard: false, progress: false}
+checkpoint: {every: 2}
+"""
+
+
+def _config(tmp_path: Path, text: str, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _main(*args: str | Path) -> int:
+    """The CLI in-process (commands that do not touch global torch settings)."""
+    return main([str(a) for a in args])
+
+
+def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, WEIGHTING.replace("HGMETHOD", "checkpointed"), "w.yaml")
+    run, part = tmp_path / "teacher", tmp_path / "part"
+    r = run_cli("run", cfg, "--out", run)
+    assert r.code == 0, r
+    summary = json.loads(r.out)
+    assert 0.0 < summary["weights/mean"] < 1.0 and summary["hypergrad/norm"] > 0
+    assert run_cli("run", cfg, "--out", part, "--set", "run.max_steps=1").code == 0
+    r = run_cli("resume", part, "--set", "run.max_steps=2", "--allow-config-change")
+    assert r.code == 0, r
+    assert_same_tree(final_state(run)["state"], final_state(part)["state"])
+    assert metrics_without_wall(run) == metrics_without_wall(part)
+    cur = np.load(run / "curriculum.npz")
+    assert cur["weights"].shape == (3, 8) and cur["unroll_weights"].shape == (3, 4)
+    assert _main("commentaries", "plot", run) == 0
+    assert (run / "curriculum.png").stat().st_size > 1000
+
+    out = tmp_path / "eval"
+    common = ["--data", "digits", "--train-size", "256", "--test-size", "64", "--epochs", "0.5",
+              "--out", out]
+    assert _main("commentaries", "student", "--teacher", run, "--seeds", "0", "1", *common) == 0
+    assert _main("commentaries", "student", "--baseline", "--seeds", "0", *common) == 0
+    learned = json.loads((out / "learned-seed1.json").read_text())
+    baseline = json.loads((out / "baseline-seed0.json").read_text())
+    assert learned["step"] == baseline["step"] == [0, 1, 2]  # 4 batches of 64 per epoch
+    assert learned["test_acc"][0] != baseline["test_acc"][0]  # seeds 1 and 0: other inits
+    assert json.loads((out / "learned-seed0.json").read_text())["test_acc"][0] == baseline["test_acc"][0]
+    table = (out / "summary.md").read_text()
+    assert "| learned | 2 |" in table and "| baseline | 1 |" in table
+    assert (out / "learning_speed.png").stat().st_size > 1000
+
+
+def test_blending_run_heatmaps_resume_and_three_arm_eval(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, BLENDING, "b.yaml")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    r = run_cli("run", cfg, "--out", whole)
+    assert r.code == 0, r
+    summary = json.loads(r.out)
+    assert summary["hypergrad/norm"] > 0 and 0.5 < summary["lambda/min"] < summary["lambda/max"] < 1
+    assert {p.name for p in (whole / "heatmaps").iterdir()} == {"lambda-step3.png", "lambda-step6.png"}
+    assert (whole / "lambda.png").is_file()
+    m = torch.load(whole / "blending.pt", weights_only=True)["m"]
+    assert m.shape == (10, 10) and not torch.allclose(m, torch.full_like(m, -1.0))
+    assert run_cli("run", cfg, "--out", part, "--set", "run.max_steps=4").code == 0
+    assert run_cli("resume", part, "--set", "run.max_steps=6", "--allow-config-change").code == 0
+    assert_same_tree(final_state(whole)["state"], final_state(part)["state"])
+
+    out = tmp_path / "eval"
+    assert _main("commentaries", "blend-eval", "--grid", whole, "--data", "digits", "--train-size",
+                 "256", "--test-size", "64", "--epochs", "0.5", "--seeds", "0", "--out", out) == 0
+    table = (out / "summary.md").read_text()
+    assert all(f"| {arm} | 1 |" in table for arm in ("none", "random", "learned")), table
+
+
+def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main("commentaries", "student", "--out", tmp_path / "e") == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "--baseline" in err, err
+    assert _main("commentaries", "blend-eval", "--grid", tmp_path, "--out", tmp_path / "e") == 2
+    assert "blending.pt" in capsys.readouterr().err
+    bad = _config(tmp_path, WEIGHTING.replace("HGMETHOD", "implicit"), "bad.yaml")
+    with pytest.raises(ConfigError, match="unrolled") as info:
+        resolve([bad])
+    assert "hypergrad" in str(info.value)
+    bad = _config(tmp_path, BLENDING + "inner: {name: sgd}\n", "b2.yaml")
+    with pytest.raises(ConfigError, match="adam"):
+        resolve([bad])
