@@ -68,10 +68,10 @@ class MetaConfig(Section):
     """AuxiLearn's meta-step: MetaOptimizer settings and the meta-optimiser (SGD)."""
 
     combiner_hidden: list[int] = Field([10], description="hidden widths (nonlinear only)")
-    aux_per_class: int = Field(2, gt=0, description="labelled images per class held out")
+    aux_per_class: int = Field(1, gt=0, description="labelled images per class held out")
     every: int = Field(5, gt=0, description="meta-step every N primary steps")
     batch_size: int = Field(32, gt=0, description="training batch of the meta-step")
-    lr: float = Field(0.01, gt=0.0)
+    lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     hpo_lr: float = Field(0.05, gt=0.0, description="Neumann step α (AuxiLearn: primary lr)")
