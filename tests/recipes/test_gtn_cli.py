@@ -112,15 +112,20 @@ def test_shuffle_test_without_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("line", "key"), [
-    ("inner: {name: sgd, lr: 0.02}", "inner"),
+    ("inner: {name: sgd, lr: 0.02}", "inner.name: momentum"),
     ("hypergrad: {method: implicit, steps: 3}", "hypergrad.method"),
-    ("run: {max_steps: 2, nan_policy: rollback}", "run.nan_policy"),
     ("teacher: {map_size: 5}", "teacher.map_size"),
     ("teacher: {curriculum: shuffled}", "teacher.curriculum"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, line: str, key: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"recipe: gtn\nrun: {{max_steps: 2}}\n{line}\n")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         resolve([cfg])
-    assert key in str(info.value) and f"{cfg}:3" in str(info.value)
+
+
+def test_rollback_policy_is_refused_with_the_fix(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("recipe: gtn\nrun: {max_steps: 2, nan_policy: rollback}\n")
+    with pytest.raises(ConfigError, match=r"run\.nan_policy.*skip or abort"):
+        resolve([cfg])
