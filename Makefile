@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -n 2 -m slow
+
+# Everything, slow tests included; installs Ray Tune for the --engine ray tests.
+test-all: setup
+	$(PY) -m pip install -q 'ray[tune]'
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
