@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 # One entry per module in bilevel/commands/. Keep sorted.
-COMMAND_MODULES: tuple[str, ...] = ("commentaries", "configs", "data", "gtn", "report", "run", "sweep")
+COMMAND_MODULES: tuple[str, ...] = ("alig", "commentaries", "configs", "data", "gtn", "report", "run", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

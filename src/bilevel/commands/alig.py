@@ -1,0 +1,111 @@
+"""``bilevel alig sweep`` and ``bilevel alig plot``: the AliG step-size robustness study.
+
+``sweep`` runs the ``alig`` recipe for every config (one per optimiser) × knob value × seed,
+where the knob is ``optim.max_lr`` for AliG and ``optim.lr`` for SGD and Adam, then writes
+``sweep.png`` (final training loss and test accuracy vs the knob) and ``sweep.md`` into
+``--out``. Each run lives in ``OUT/<config name>/<knob>=<value>/seed-<n>``; running the same
+command again skips finished runs and resumes interrupted ones. ``plot`` redraws the
+figure and table from existing runs::
+
+    bilevel alig sweep alig/mnist_mlp_alig.yaml alig/mnist_mlp_sgd.yaml \\
+        alig/mnist_mlp_adam.yaml --values 1e-4,1e-3,1e-2,1e-1,1,10 --out runs/alig/sweep
+    bilevel alig plot runs/alig/sweep --out sweep.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bilevel.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    """Add ``alig sweep`` and ``alig plot``."""
+    p = sub.add_parser("alig", help="AliG studies: max_lr / lr sweeps and their figure")
+    cmds = p.add_subparsers(dest="alig_command", metavar="SUBCOMMAND")
+    cmds.required = True
+    s = cmds.add_parser("sweep", help="run alig-recipe configs over a grid of max_lr / lr",
+                        description="The knob is optim.max_lr for AliG, optim.lr otherwise.")
+    s.add_argument("configs", nargs="+", metavar="CONFIG",
+                   help="alig-recipe configs, e.g. alig/mnist_mlp_alig.yaml (one per optimiser)")
+    s.add_argument("--values", required=True, type=_floats, metavar="V1,V2,...",
+                   help="knob values, e.g. 1e-4,1e-3,1e-2,1e-1,1,10")
+    s.add_argument("--seeds", default=[0], type=_ints, metavar="S1,S2,...",
+                   help="seeds (default 0)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every run, e.g. --set run.max_steps=200")
+    s.add_argument("--out", required=True, metavar="DIR", help="directory of the runs")
+    s.add_argument("--title", default="", help="figure title")
+    s.set_defaults(handler=_sweep)
+    q = cmds.add_parser("plot", help="sweep.png and sweep.md from existing alig runs")
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB")
+    q.add_argument("--out", required=True, metavar="PNG", help="figure path (table beside it)")
+    q.add_argument("--title", default="", help="figure title")
+    q.set_defaults(handler=_plot)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,1e-2, got {text!r}") from None
+    if any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"step sizes must be > 0, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from bilevel.recipes import find_config, resolve, resume, start
+
+    out = Path(args.out)
+    for ref in args.configs:
+        name, config, _ = resolve([ref], args.overrides)
+        if name != "alig":
+            raise ConfigError(f"{ref}: bilevel alig sweep runs alig-recipe configs, not {name!r}")
+        key = "max_lr" if config.optim.name == "alig" else "lr"  # type: ignore[attr-defined]
+        for value in args.values:
+            for seed in args.seeds:
+                run_dir = out / find_config(ref).stem / f"{key}={value:g}" / f"seed-{seed}"
+                status = _status(run_dir)
+                if status == "finished":
+                    continue
+                if status is None:
+                    start([ref], [*args.overrides, f"optim.{key}={value!r}"], out=run_dir,
+                          seed=seed)
+                else:
+                    resume(run_dir)
+                print(f"{run_dir}: done", flush=True)
+    args.runs = [str(out)]
+    args.out = str(out / "sweep.png")
+    return _plot(args)
+
+
+def _status(run_dir: Path) -> str | None:
+    info = run_dir / "run.json"
+    return json.loads(info.read_text()).get("status") if info.is_file() else None
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from bilevel.report import find_runs, load_run
+    from bilevel.report.alig_plots import plot_sweep, sweep_points, sweep_table
+
+    points = sweep_points(load_run(p) for p in find_runs(args.runs))
+    if not points:
+        raise ConfigError(f"no finished alig-recipe runs in {' '.join(args.runs)}")
+    png = plot_sweep(points, args.out, title=args.title)
+    table = png.with_suffix(".md")
+    table.write_text(sweep_table(points))
+    print(table.read_text(), end="")
+    print(png)
+    print(table)
+    return 0

@@ -1,0 +1,136 @@
+"""The AliG robustness figure: final training loss and test accuracy against the step-size knob.
+
+Berrada et al. claim that AliG trains well over a wide range of ``max_lr`` whereas SGD and
+Adam need a narrow learning-rate window. :func:`plot_sweep` draws one line per optimiser
+(the mean over seeds; each seed is a dot) with the knob on a log axis: ``max_lr`` for AliG,
+``lr`` for SGD and Adam. A diverged run (non-finite final training loss, or the recipe's
+``train/diverged_step``) or one whose final training loss exceeds :data:`LOSS_CAP` (about
+four times the chance-level loss ln 10 ≈ 2.3) is an ✕ on the top edge of the loss panel;
+its measured accuracy is drawn as is. :func:`sweep_table` writes the same numbers as Markdown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bilevel.report.collect import RunRecord
+
+LOSS_CAP = 10.0  # final training losses above this are drawn as ✕ on the top edge
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One finished run of the ``alig`` recipe, reduced to what the sweep figure shows."""
+
+    label: str
+    knob: float | None  # max_lr (AliG; None = no cap) or lr (SGD, Adam)
+    seed: int
+    train_loss: float
+    test_accuracy: float
+    diverged: bool
+
+
+def knob_key(optim: Mapping[str, Any]) -> str:
+    """The swept key of an ``optim`` config section: ``max_lr`` for AliG, else ``lr``."""
+    return "max_lr" if optim["name"] == "alig" else "lr"
+
+
+def label_of(optim: Mapping[str, Any]) -> str:
+    """A legend label naming the optimiser and the settings that distinguish its variants."""
+    if optim["name"] == "alig":
+        ball = f", ‖w‖ ≤ {optim['max_norm']:g}" if optim.get("max_norm") else ""
+        return f"AliG (μ={optim['momentum']:g}{ball})"
+    if optim["name"] == "sgd":
+        sched = " + step schedule" if optim.get("decay_at") else ""
+        return f"SGD (μ={optim['momentum']:g}{sched})"
+    return "Adam"
+
+
+def sweep_points(runs: Iterable[RunRecord]) -> list[SweepPoint]:
+    """The points of finished ``alig``-recipe runs, sorted by label, knob and seed."""
+    points = []
+    for run in runs:
+        if run.status != "finished" or "optim" not in run.config:
+            continue
+        optim = run.config["optim"]
+        loss = float(run.final.get("train/loss", math.nan))
+        diverged = "train/diverged_step" in run.final or not math.isfinite(loss)
+        points.append(SweepPoint(label_of(optim), optim[knob_key(optim)],
+                                 int(run.config["run"]["seed"]), loss,
+                                 float(run.final.get("test/accuracy", math.nan)), diverged))
+    return sorted(points, key=lambda p: (p.label, math.inf if p.knob is None else p.knob, p.seed))
+
+
+def _by_label(points: list[SweepPoint]) -> dict[str, dict[float, list[SweepPoint]]]:
+    out: dict[str, dict[float, list[SweepPoint]]] = {}
+    for p in points:
+        if p.knob is not None:  # an uncapped AliG run has no place on the axis (table only)
+            out.setdefault(p.label, {}).setdefault(p.knob, []).append(p)
+    return out
+
+
+def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -> Path:
+    """Two panels (final train loss, log scale; test accuracy) against the knob; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _by_label(points)
+    top = LOSS_CAP
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (label, by_knob) in enumerate(groups.items()):
+        colour, knobs = f"C{i}", sorted(by_knob)
+        losses = [_mean([min(_shown(p), top) for p in by_knob[k]]) for k in knobs]
+        accs = [_mean([p.test_accuracy for p in by_knob[k]]) for k in knobs]
+        ax_loss.plot(knobs, losses, "-o", color=colour, label=label, ms=4)
+        ax_acc.plot(knobs, accs, "-o", color=colour, label=label, ms=4)
+        for k in knobs:
+            for p in by_knob[k]:
+                off = _shown(p) > top
+                ax_loss.plot([k], [min(_shown(p), top)], "x" if off else ".", color=colour,
+                             ms=9 if off else 5)
+                ax_acc.plot([k], [p.test_accuracy], ".", color=colour, ms=5, alpha=0.6)
+    ax_loss.set(xscale="log", yscale="log", xlabel="max_lr (AliG) / lr (SGD, Adam)",
+                ylabel=f"final training loss (✕: diverged or > {top:g})", ylim=(None, 1.5 * top))
+    ax_acc.set(xscale="log", xlabel="max_lr (AliG) / lr (SGD, Adam)", ylabel="test accuracy",
+               ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, which="major", alpha=0.3)
+    ax_acc.legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_table(points: list[SweepPoint]) -> str:
+    """Markdown: one row per (optimiser, knob), mean and per-seed values."""
+    lines = ["| optimiser | max_lr / lr | seeds | final train loss | test accuracy | diverged |",
+             "|---|---|---|---|---|---|"]
+    rows: dict[tuple[str, float | None], list[SweepPoint]] = {}
+    for p in points:
+        rows.setdefault((p.label, p.knob), []).append(p)
+    for (label, knob), ps in rows.items():
+        knob_text = "none" if knob is None else f"{knob:g}"
+        loss = _mean([p.train_loss for p in ps])
+        acc = _mean([p.test_accuracy for p in ps])
+        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss:.4g} | {acc:.4f} | "
+                     f"{sum(p.diverged for p in ps)}/{len(ps)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(p: SweepPoint) -> float:
+    return math.inf if p.diverged or not math.isfinite(p.train_loss) else p.train_loss
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
