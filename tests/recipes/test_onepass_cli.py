@@ -113,7 +113,8 @@ def _tiny_ptb() -> Dataset:
 
 
 @pytest.mark.parametrize(("config", "fake", "extra"), [
-    ("cifar10", _tiny_cifar, ["data.batch_size=4", "data.eval_batch_size=4", "run.device=cpu"]),
+    ("cifar10", _tiny_cifar, ["data.batch_size=2", "data.eval_batch_size=4", "run.device=cpu",
+                              "algorithm.terms=2"]),
     ("ptb", _tiny_ptb, ["data.batch_size=4", "data.bptt=5", "model.embedding_dim=8",
                         "model.hidden_size=8", "run.device=cpu"]),
 ])
@@ -122,7 +123,7 @@ def test_gpu_configs_start_on_tiny_data(tmp_path: Path, monkeypatch: pytest.Monk
     import bilevel.recipes._onepass_task as task_module
 
     monkeypatch.setattr(task_module, "load_dataset", lambda *a, **k: fake())  # the data hook
-    sets = [*extra, "algorithm.weight_steps=2", "run.max_steps=4", "logging.every=2",
+    sets = [*extra, "algorithm.weight_steps=1", "run.max_steps=2", "logging.every=1",
             "logging.progress=false", "logging.tensorboard=false"]
     _, s = start([f"onepass/{config}.yaml", "onepass/ours_wd_lr_m.yaml"], sets, out=tmp_path / config)
     key = "test/perplexity" if config == "ptb" else "test/accuracy"

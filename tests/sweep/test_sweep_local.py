@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bilevel.cli import main
 from bilevel.errors import ConfigError
 from bilevel.report.collect import RunRecord
 from bilevel.report.onepass_table import markdown, table, three_batched
@@ -91,7 +92,8 @@ def test_table_drops_and_counts_nan_and_bolds_within_error() -> None:
     assert "| Ours WD+LR+M | 3 (0) | **" in text and "| Random | 2 (1) | 6" in text
 
 
-def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path) -> None:
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     shared = shared_data_dir()
     if shared is None:
         pytest.skip("shared UCI data not present")
@@ -100,25 +102,25 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path) -> N
     fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "bilevel", "sweep", "onepass/uci_energy.yaml", "-a", "onepass/random.yaml",
-           "-a", "onepass/ours_wd_lr.yaml", "--inits", "2", "--parallel", "1", "--out", str(out),
+           "-a", "onepass/ours_wd_lr.yaml", "--inits", "1", "--parallel", "1", "--out", str(out),
            "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "run.max_steps=40",
            "--set", "logging.progress=false", "--set", "checkpoint.every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The worker dies at its 6th hyper-step: the first run (4 hyper-steps) is finished.
+    # --parallel 1 runs in the sweep process, which dies at its 6th hyper-step: the first run
+    # (4 hyper-steps) is finished, the second one killed half-way.
     first = subprocess.run(cmd, env={**env, "BILEVEL_FAULT": "hyper@6"}, capture_output=True, text=True,
                            check=False)
-    assert first.returncode != 0 and "finished random/init-0000" in first.stdout, first
+    assert first.returncode == -9 and "finished random/init-0000" in first.stdout, first
     done = out / "random" / "init-0000" / "summary.json"
     stamp = done.stat().st_mtime_ns
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    assert second.returncode == 0, second.stderr
-    assert "skipped  random/init-0000" in second.stdout
+    killed_metrics = out / "ours_wd_lr" / "init-0000" / "metrics.jsonl"
+    head = killed_metrics.read_text().splitlines()[0]
+    again = [("2" if a == "1" and cmd[k - 1] == "--parallel" else a) for k, a in enumerate(cmd)]
+    assert main(again[3:]) == 0  # the same sweep again (here on a pool of 2 workers)
+    assert "skipped  random/init-0000" in capsys.readouterr().out
     assert done.stat().st_mtime_ns == stamp  # not redone
+    assert killed_metrics.read_text().splitlines()[0] == head  # resumed, not restarted
     killed = json.loads((out / "ours_wd_lr" / "init-0000" / "run.json").read_text())
     assert killed["status"] == "finished"
-    for v in ("random", "ours_wd_lr"):
-        for i in range(2):
-            assert (out / v / f"init-{i:04d}" / "summary.json").is_file()
-    report = subprocess.run([sys.executable, "-m", "bilevel", "sweep-report", str(out), "--no-plots"],
-                            env=env, capture_output=True, text=True, check=False)
-    assert report.returncode == 0 and "Ours WD+LR" in (out / "table.md").read_text()
+    assert main(["sweep-report", str(out), "--no-plots"]) == 0
+    assert "| Ours WD+LR | 1 (0) |" in (out / "table.md").read_text()

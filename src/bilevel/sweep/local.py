@@ -7,8 +7,9 @@ Each trial is a run directory. Before launching, a trial's directory decides wha
   its last valid checkpoint (a run killed before its first checkpoint starts again);
 * a directory without ``run.json`` (killed while being created): removed and started.
 
-Workers are ``spawn``-ed processes (no fork of a parent holding threads); each runs one trial
-at a time through :func:`bilevel.recipes.start` / :func:`bilevel.recipes.resume`, exactly
+With ``parallel=1`` the trials run one after another in the calling process (no start-up
+cost; a crash kills the sweep itself, and running it again continues). Otherwise workers are
+``spawn``-ed processes (no fork of a parent holding threads); each runs one trial at a time through :func:`bilevel.recipes.start` / :func:`bilevel.recipes.resume`, exactly
 like ``bilevel run``. A trial that raises is recorded as failed and the sweep goes on; a
 worker that dies (SIGKILL, out of memory) stops the sweep, and running it again continues.
 """
@@ -89,6 +90,13 @@ def run_local(trials: Sequence[Trial], *, parallel: int = 1,
         else:
             todo.append(t)
     if not todo:
+        return results
+    if parallel <= 1:
+        for t in todo:
+            r = run_trial(t)
+            results.append(r)
+            if on_result:
+                on_result(r)
         return results
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=ctx) as pool:
