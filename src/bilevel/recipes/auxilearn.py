@@ -68,6 +68,8 @@ class MetaConfig(Section):
     """AuxiLearn's meta-step: MetaOptimizer settings and the meta-optimiser (SGD)."""
 
     combiner_hidden: list[int] = Field([10], description="hidden widths (nonlinear only)")
+    combiner_init: tuple[float, float] = Field(
+        (0.0, 1.0), description="uniform init range of the nonlinear combiner's weights")
     aux_per_class: int = Field(1, gt=0, description="labelled images per class held out")
     every: int = Field(5, gt=0, description="meta-step every N primary steps")
     batch_size: int = Field(32, gt=0, description="training batch of the meta-step")
@@ -189,7 +191,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         combiner = LinearCombiner(n_tasks, monotone=True, init_value=1.0)
     elif config.method == "nonlinear":
         combiner = NonlinearCombiner(n_tasks, hidden_sizes=config.meta.combiner_hidden,
-                                     monotone=True)
+                                     init_range=config.meta.combiner_init, monotone=True)
     meta_opt, aux_sampler = None, None
     if combiner is not None:
         combiner.to(device)
