@@ -15,8 +15,9 @@ RANK = {
     "optim": 2, "runs": 2, "parallel": 2,
     "hypergrad": 3, "meta": 3, "report": 3,
     "recipes": 4,
-    "sweep": 5, "commands": 5,
-    "cli": 6, "__main__": 7,
+    "sweep": 5,
+    "commands": 6,
+    "cli": 7, "__main__": 8,
 }
 LEAVES = {"data", "models"}
 SIBLINGS = {("hypergrad", "meta"), ("meta", "hypergrad")}
