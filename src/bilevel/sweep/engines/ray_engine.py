@@ -151,8 +151,13 @@ def run_ray(*, space: Space, root: str | Path, configs: Sequence[str], scheduler
             "overrides": list(overrides), "metric": metric, "seed": seed,
             "keys": list(space), "budgets": budgets}
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=False, log_to_driver=False)
+        if address is None:
+            # A private single-node instance (never attach to a stale cluster file left in
+            # /tmp/ray), with its services asked to bind to loopback.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
     trainable = tune.with_parameters(_trainable, spec=spec)
     path = root / name
     if tune.Tuner.can_restore(str(path)):
