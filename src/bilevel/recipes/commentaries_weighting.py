@@ -344,10 +344,11 @@ def train_student(teacher_file: str | Path | None, *, data: Splits, seed: int, e
     x, y = data["train"]
     sampler = IndexSampler(len(y), batch_size, seed=seed, device=device)
     total = round(epochs * sampler.steps_per_epoch)
-    every = max(1, sampler.steps_per_epoch // evals_per_epoch)
+    points = {min(total, round(k * sampler.steps_per_epoch / evals_per_epoch))
+              for k in range(int(epochs * evals_per_epoch) + 1)} | {total}
     curves: dict[str, list[float]] = {k: [] for k in ("step", "epoch", "test_acc", "test_loss", "train_acc")}
     for step in range(total + 1):
-        if step % every == 0 or step == total:
+        if step in points:
             params, buffers = module_state(student)
             test_loss, test_acc = accuracy(student, params, buffers, *data["test"])
             curves["step"].append(step)
