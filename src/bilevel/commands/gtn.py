@@ -47,7 +47,7 @@ def _positive(text: str) -> int:
 
 
 def _shuffle(args: argparse.Namespace) -> int:
-    from bilevel.recipes.gtn import shuffle_test
+    from bilevel.recipes.gtn_eval import shuffle_test
 
     result = shuffle_test(args.run_dir, learners=args.learners, test_size=args.test_size,
                           seed=args.seed, out=args.out)
@@ -61,7 +61,7 @@ def _shuffle(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from bilevel.recipes.gtn import accuracy_plot
+    from bilevel.recipes.gtn_eval import accuracy_plot
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise SystemExit(f"error: --labels needs one label per run ({len(args.runs)}), "
