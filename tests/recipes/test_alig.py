@@ -145,6 +145,10 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_plots(tmp_path: Path) -> No
     assert rows[("SGD (μ=0.9 + step schedule)", "0.01")] == "0/1"
     png = (tmp_path / "sweep" / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 300_000
+    curves = tmp_path / "curves.png"
+    r = cli("alig", "curves", tmp_path / "sweep" / "alig" / "max_lr=1",
+            tmp_path / "sweep" / "sgd" / "lr=0.01", "--out", curves)
+    assert r.returncode == 0 and curves.read_bytes().startswith(b"\x89PNG"), r.stderr
     stamp = (tmp_path / "sweep" / "alig" / "max_lr=1" / "seed-0" / "summary.json").stat()
     r = cli(*args)  # again: every run is finished, nothing is rerun
     assert r.returncode == 0 and "done" not in r.stdout, r.stdout

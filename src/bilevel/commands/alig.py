@@ -5,11 +5,13 @@ where the knob is ``optim.max_lr`` for AliG and ``optim.lr`` for SGD and Adam, t
 ``sweep.png`` (final training loss and test accuracy vs the knob) and ``sweep.md`` into
 ``--out``. Each run lives in ``OUT/<config name>/<knob>=<value>/seed-<n>``; running the same
 command again skips finished runs and resumes interrupted ones. ``plot`` redraws the
-figure and table from existing runs::
+figure and table from existing runs; ``curves`` draws the training curves (loss, test
+accuracy, AliG step sizes) of a few runs::
 
     bilevel alig sweep alig/mnist_mlp_alig.yaml alig/mnist_mlp_sgd.yaml \\
         alig/mnist_mlp_adam.yaml --values 1e-4,1e-3,1e-2,1e-1,1,10 --out runs/alig/sweep
     bilevel alig plot runs/alig/sweep --out sweep.png
+    bilevel alig curves runs/alig/a runs/alig/b --out curves.png
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def register(sub: Any) -> None:
     q.add_argument("--out", required=True, metavar="PNG", help="figure path (table beside it)")
     q.add_argument("--title", default="", help="figure title")
     q.set_defaults(handler=_plot)
+    c = cmds.add_parser("curves", help="training curves of alig runs (loss, accuracy, step size)")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", required=True, metavar="PNG", help="figure path")
+    c.add_argument("--title", default="", help="figure title")
+    c.set_defaults(handler=_curves)
 
 
 def _floats(text: str) -> list[float]:
@@ -108,4 +115,15 @@ def _plot(args: argparse.Namespace) -> int:
     print(table.read_text(), end="")
     print(png)
     print(table)
+    return 0
+
+
+def _curves(args: argparse.Namespace) -> int:
+    from bilevel.report import find_runs, load_run
+    from bilevel.report.alig_plots import plot_curves
+
+    runs = [r for r in map(load_run, find_runs(args.runs)) if "optim" in r.config]
+    if not runs:
+        raise ConfigError(f"no alig-recipe runs in {' '.join(args.runs)}")
+    print(plot_curves(runs, args.out, title=args.title))
     return 0

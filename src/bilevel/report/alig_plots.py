@@ -7,6 +7,8 @@ Adam need a narrow learning-rate window. :func:`plot_sweep` draws one line per o
 ``train/diverged_step``) or one whose final training loss exceeds :data:`LOSS_CAP` (about
 four times the chance-level loss ln 10 ≈ 2.3) is an ✕ on the top edge of the loss panel;
 its measured accuracy is drawn as is. :func:`sweep_table` writes the same numbers as Markdown.
+:func:`plot_curves` draws training curves of a few runs: minibatch loss, test accuracy and
+AliG's step sizes (the seeds' check that the loss goes to about 0 and ``ℓ/‖g‖²`` shrinks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.report.collect import RunRecord
+from bilevel.runs.metrics import series
 
 LOSS_CAP = 10.0  # final training losses above this are drawn as ✕ on the top edge
 
@@ -108,6 +111,44 @@ def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: list[RunRecord], path: str | Path, *, title: str = "") -> Path:
+    """Three panels against the step: ``train/batch_loss`` (log), ``test/accuracy`` and,
+    for AliG runs, ``alig/step_size`` (solid) and ``alig/step_size_unclipped`` (dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for i, run in enumerate(runs):
+        label = label_of(run.config["optim"])
+        optim = run.config["optim"]
+        label += f", {knob_key(optim)}={optim[knob_key(optim)]}"
+        for ax, key, style in ((axes[0], "train/batch_loss", "-"),
+                               (axes[1], "test/accuracy", "-o"),
+                               (axes[2], "alig/step_size", "-"),
+                               (axes[2], "alig/step_size_unclipped", ":")):
+            steps, values = series(run.records, key)
+            if steps:
+                ax.plot(steps, values, style, color=f"C{i}", ms=3, lw=1,
+                        label=label if key != "alig/step_size_unclipped" else None)
+    axes[0].set(yscale="log", xlabel="step", ylabel="minibatch training loss")
+    axes[1].set(xlabel="step", ylabel="test accuracy")
+    axes[2].set(yscale="log", xlabel="step",
+                ylabel="AliG step size γ (solid), ℓ/(‖g‖²+ε) (dotted)")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
