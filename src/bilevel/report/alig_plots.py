@@ -33,6 +33,7 @@ class SweepPoint:
     knob: float | None  # max_lr (AliG; None = no cap) or lr (SGD, Adam)
     seed: int
     train_loss: float
+    val_accuracy: float
     test_accuracy: float
     diverged: bool
 
@@ -64,6 +65,7 @@ def sweep_points(runs: Iterable[RunRecord]) -> list[SweepPoint]:
         diverged = "train/diverged_step" in run.final or not math.isfinite(loss)
         points.append(SweepPoint(label_of(optim), optim[knob_key(optim)],
                                  int(run.config["run"]["seed"]), loss,
+                                 float(run.final.get("val/accuracy", math.nan)),
                                  float(run.final.get("test/accuracy", math.nan)), diverged))
     return sorted(points, key=lambda p: (p.label, math.inf if p.knob is None else p.knob, p.seed))
 
@@ -85,13 +87,14 @@ def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -
 
     groups = _by_label(points)
     top = LOSS_CAP
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12.5, 3.8))
     for i, (label, by_knob) in enumerate(groups.items()):
         colour, knobs = f"C{i}", sorted(by_knob)
         losses = [_mean([min(_shown(p), top) for p in by_knob[k]]) for k in knobs]
         accs = [_mean([p.test_accuracy for p in by_knob[k]]) for k in knobs]
-        ax_loss.plot(knobs, losses, "-o", color=colour, label=label, ms=4)
-        ax_acc.plot(knobs, accs, "-o", color=colour, label=label, ms=4)
+        style = ("-o", "--s", "-.^", ":D")[i % 4]  # overlapping lines stay distinguishable
+        ax_loss.plot(knobs, losses, style, color=colour, label=label, ms=4)
+        ax_acc.plot(knobs, accs, style, color=colour, label=label, ms=4)
         for k in knobs:
             for p in by_knob[k]:
                 off = _shown(p) > top
@@ -104,7 +107,7 @@ def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -
                ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(True, which="major", alpha=0.3)
-    ax_acc.legend(fontsize=8, loc="lower left")
+    ax_acc.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -154,19 +157,28 @@ def plot_curves(runs: list[RunRecord], path: str | Path, *, title: str = "") -> 
 
 
 def sweep_table(points: list[SweepPoint]) -> str:
-    """Markdown: one row per (optimiser, knob), mean and per-seed values."""
-    lines = ["| optimiser | max_lr / lr | seeds | final train loss | test accuracy | diverged |",
-             "|---|---|---|---|---|---|"]
+    """Markdown: one row per (optimiser, knob); mean ± sample std over seeds."""
+    lines = ["| optimiser | max_lr / lr | seeds | final train loss | val accuracy | "
+             "test accuracy | diverged |", "|---|---|---|---|---|---|---|"]
     rows: dict[tuple[str, float | None], list[SweepPoint]] = {}
     for p in points:
         rows.setdefault((p.label, p.knob), []).append(p)
     for (label, knob), ps in rows.items():
         knob_text = "none" if knob is None else f"{knob:g}"
-        loss = _mean([p.train_loss for p in ps])
-        acc = _mean([p.test_accuracy for p in ps])
-        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss:.4g} | {acc:.4f} | "
+        loss = _mean_std([p.train_loss for p in ps], "{:.3g}")
+        val = _mean_std([p.val_accuracy for p in ps], "{:.4f}")
+        test = _mean_std([p.test_accuracy for p in ps], "{:.4f}")
+        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss} | {val} | {test} | "
                      f"{sum(p.diverged for p in ps)}/{len(ps)} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    mean = _mean(values)
+    if len(values) < 2:
+        return fmt.format(mean)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
 def _shown(p: SweepPoint) -> float:
