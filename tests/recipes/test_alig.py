@@ -154,6 +154,9 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_plots(tmp_path: Path) -> No
     assert r.returncode == 0 and "done" not in r.stdout, r.stdout
     assert (tmp_path / "sweep" / "alig" / "max_lr=1" / "seed-0" / "summary.json"
             ).stat().st_mtime_ns == stamp.st_mtime_ns
+    r = cli(*[a if a != "run.max_steps=20" else "run.max_steps=21" for a in args])
+    assert r.returncode == 2 and "holds a run of a different config" in r.stderr, r.stderr
+    assert "run.max_steps: 20 -> 21" in r.stderr
 
 
 ERRORS = {

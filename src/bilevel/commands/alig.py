@@ -83,12 +83,12 @@ def _sweep(args: argparse.Namespace) -> int:
         for value in args.values:
             for seed in args.seeds:
                 run_dir = out / find_config(ref).stem / f"{key}={value:g}" / f"seed-{seed}"
-                status = _status(run_dir)
+                overrides = [*args.overrides, f"optim.{key}={value!r}", f"run.seed={seed}"]
+                status = _status(run_dir, resolve([ref], overrides)[2])
                 if status == "finished":
                     continue
                 if status is None:
-                    start([ref], [*args.overrides, f"optim.{key}={value!r}"], out=run_dir,
-                          seed=seed)
+                    start([ref], overrides, out=run_dir)
                 else:
                     resume(run_dir)
                 print(f"{run_dir}: done", flush=True)
@@ -97,9 +97,20 @@ def _sweep(args: argparse.Namespace) -> int:
     return _plot(args)
 
 
-def _status(run_dir: Path) -> str | None:
+def _status(run_dir: Path, wanted: dict[str, Any]) -> str | None:
+    """The status of an existing run (None: none yet) that must have run ``wanted``."""
+    from bilevel.runs import changed_keys
+
     info = run_dir / "run.json"
-    return json.loads(info.read_text()).get("status") if info.is_file() else None
+    if not info.is_file():
+        return None
+    run = json.loads(info.read_text())
+    changed = [k for k in changed_keys(run["config"], wanted)
+               if not k.startswith(("logging.", "checkpoint."))]
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run of a different config ({'; '.join(changed)}); "
+                          "give the sweep another --out or delete that run")
+    return run.get("status")
 
 
 def _plot(args: argparse.Namespace) -> int:
