@@ -208,7 +208,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                       normalize=True).to(device)  # images: the set's mean/std; others as given
     model = build_model(config.model, ds.info).to(device)
     opt = build_optimizer(config.optim, model)
-    is_alig = config.optim.name == "alig"
+    alig_opt = opt if isinstance(opt, AliG) else None  # AliG's step needs the loss
     sampler = IndexSampler(len(ds.train), config.data.batch_size, seed=config.run.seed)
     window = torch.zeros(3, dtype=torch.float64)  # [loss sum, steps, clipped steps] since the last log
 
@@ -238,18 +238,18 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if is_alig:
-            opt.step(loss=loss.detach())
+        if alig_opt is not None:
+            alig_opt.step(loss=loss.detach())
         else:
             opt.step()
-        window += torch.tensor([loss.item(), 1.0, float(_clipped(opt))], dtype=torch.float64)
+        window += torch.tensor([loss.item(), 1.0, float(_clipped(alig_opt))], dtype=torch.float64)
 
         if step % config.logging.every == 0 or step == T:
             values = {"train/batch_loss": (window[0] / window[1]).item(),
                       "optim/lr": opt.param_groups[0]["lr"] or float("inf")}
-            if is_alig:
-                values |= {"alig/step_size": float(opt.step_size),  # type: ignore[attr-defined]
-                           "alig/step_size_unclipped": float(opt.step_size_unclipped),  # type: ignore[attr-defined]
+            if alig_opt is not None:
+                values |= {"alig/step_size": float(alig_opt.step_size or 0.0),
+                           "alig/step_size_unclipped": float(alig_opt.step_size_unclipped or 0.0),
                            "alig/clipped": (window[2] / window[1]).item()}
             run_dir.log(step, values)
             window.zero_()
@@ -265,8 +265,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     return final
 
 
-def _clipped(opt: torch.optim.Optimizer) -> bool:
-    """Whether AliG's last step was capped by ``max_lr`` (always False for SGD/Adam)."""
-    if not isinstance(opt, AliG) or opt.step_size_unclipped is None:
+def _clipped(opt: AliG | None) -> bool:
+    """Whether AliG's last step was capped by ``max_lr`` (False for SGD and Adam)."""
+    if opt is None or opt.step_size is None or opt.step_size_unclipped is None:
         return False
     return bool(opt.step_size_unclipped > opt.step_size)
