@@ -104,7 +104,10 @@ def test_configs_lists_and_every_shipped_config_validates() -> None:
     shipped = shipped_configs()
     assert shipped and len(r.out.splitlines()) == len(shipped)
     for path in shipped:
-        assert path.read_text().startswith("# bilevel run "), path
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# bilevel run "), path
+        # the advertised command runs this very file (alone or layered with another)
+        assert f"{path.parent.name}/{path.name}" in first, f"{path}: {first}"
         resolve([path])
 
 
