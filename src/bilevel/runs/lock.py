@@ -26,7 +26,8 @@ class RunLockedError(BilevelError):
     exit_code = 2
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 probes, sends nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ class RunLock:
             return True
         pid = info.get("pid")
         same_host = info.get("host") == socket.gethostname()
-        return same_host and isinstance(pid, int) and not _pid_alive(pid)
+        return same_host and isinstance(pid, int) and not pid_alive(pid)
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one.

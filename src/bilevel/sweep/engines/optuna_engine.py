@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.errors import ConfigError
+from bilevel.runs.lock import pid_alive
 from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute
 from bilevel.sweep.schedulers import AbstractScheduler, Job, Space, rung_budgets
 
@@ -124,20 +125,10 @@ class OptunaBO(AbstractScheduler):
 
 # -- many workers on one study -----------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stale(trial: Any, *, stale_after: float) -> bool:
     who = trial.user_attrs.get("worker")
     if who and who.get("host") == socket.gethostname():
-        return not _alive(int(who["pid"]))
+        return not pid_alive(int(who["pid"]))
     lock = Path(trial.user_attrs.get("path", "")) / "lock"
     last = lock.stat().st_mtime if lock.exists() else trial.datetime_start.timestamp()
     return time.time() - last > stale_after
