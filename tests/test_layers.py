@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "bilevel"
 RANK = {
     "errors": 0,
     "tree": 1, "functional": 1,
-    "optim": 2, "runs": 2, "parallel": 2,
+    "optim": 2, "run": 2, "parallel": 2,
     "hypergrad": 3, "meta": 3, "report": 3,
     "recipes": 4,
     "sweep": 5,

@@ -80,7 +80,7 @@ def test_run_dir_config_revalidates_to_same_hash(tmp_path: Path, tiny: Path) -> 
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["run"]["seed"] == 5 and info["config"]["run"]["max_steps"] == 3
     from bilevel.recipes import resolve
-    from bilevel.runs import config_hash
+    from bilevel.run import config_hash
 
     _, _, resolved = resolve([out / "config.yaml"])
     assert resolved == info["config"] and config_hash(resolved) == info["config_hash"]

@@ -17,7 +17,7 @@ import torch
 from bilevel.errors import ConfigError
 from bilevel.recipes import resolve, shipped_configs
 from bilevel.recipes.alig import OptimConfig, build_model, scheduled_lr
-from bilevel.runs import ModelConfig
+from bilevel.run import ModelConfig
 
 TINY = """\
 # bilevel run tiny.yaml

@@ -23,7 +23,7 @@ from bilevel.models import CBRStudent, CBRTeacher
 from bilevel.optim import adam
 from bilevel.recipes import commentaries_blending as cb
 from bilevel.recipes import commentaries_weighting as cw
-from bilevel.runs import HypergradConfig
+from bilevel.run import HypergradConfig
 
 
 def _digits_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from bilevel import hypergrad
 from bilevel.meta.teaching import Teacher, logit, shuffled_order, softplus_inverse
 from bilevel.recipes import gtn
-from bilevel.runs import HypergradConfig, RunConfig
+from bilevel.run import HypergradConfig, RunConfig
 
 
 def tiny_config(curriculum: str = "learned", steps: int = 3) -> gtn.Config:

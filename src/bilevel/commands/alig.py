@@ -99,7 +99,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _status(run_dir: Path, wanted: dict[str, Any]) -> str | None:
     """The status of an existing run (None: none yet) that must have run ``wanted``."""
-    from bilevel.runs import changed_keys
+    from bilevel.run import changed_keys
 
     info = run_dir / "run.json"
     if not info.is_file():

@@ -43,7 +43,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from bilevel.recipes import resolve
-    from bilevel.runs.yamlio import dump_yaml
+    from bilevel.run.yamlio import dump_yaml
 
     _, _, resolved = resolve(args.configs, args.overrides)
     print(dump_yaml(resolved), end="")

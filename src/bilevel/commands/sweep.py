@@ -89,7 +89,7 @@ def _scheduled(args: argparse.Namespace, space: Any) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from bilevel.runs.yamlio import load_yaml
+    from bilevel.run.yamlio import load_yaml
     from bilevel.sweep import sweep
 
     space = load_yaml(args.space)[0] if args.space else None

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from bilevel.data import Dataset, IndexSampler, Split, batchify, load_dataset
 from bilevel.functional import call
 from bilevel.models import MLP, LSTMLanguageModel, resnet18
-from bilevel.runs import Section
+from bilevel.run import Section
 
 Batch = tuple[Any, ...]
 

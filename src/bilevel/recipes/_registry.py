@@ -2,7 +2,7 @@
 
 A recipe module defines
 
-* ``Config``: a :class:`bilevel.runs.Section` (pydantic, ``extra="forbid"``) with a
+* ``Config``: a :class:`bilevel.run.Section` (pydantic, ``extra="forbid"``) with a
   ``run: RunConfig`` field, usually also ``logging`` and ``checkpoint`` sections;
 * ``run(config: Config, run_dir: RunDir) -> dict[str, float]``: the experiment, which
   restores from ``run_dir.restore()`` and checkpoints through ``run_dir.checkpoint``.
@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bilevel.errors import ConfigError
-from bilevel.runs import (
+from bilevel.run import (
     RawConfig,
     RunDir,
     configure_determinism,
@@ -127,7 +127,7 @@ def start(paths: Sequence[str | Path], overrides: Iterable[str] = (), *,
     overrides = [*overrides, *([f"run.seed={seed}"] if seed is not None else [])]
     name, config, resolved = resolve(paths, overrides)
     if out is None:
-        from bilevel.runs import config_hash
+        from bilevel.run import config_hash
 
         out = Path("runs") / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(resolved)[:6]}"
     resolved.pop("recipe")

@@ -39,7 +39,7 @@ from bilevel.data import Dataset, IndexSampler, load_dataset
 from bilevel.errors import ConfigError
 from bilevel.models import MLP, CBRStudent
 from bilevel.optim import AliG, l2_projection
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
@@ -50,7 +50,7 @@ from bilevel.runs import (
     on_nonfinite,
     resolve_device,
 )
-from bilevel.runs.faults import kill_point
+from bilevel.run.faults import kill_point
 
 CLASSIFICATION = ("mnist", "fashion_mnist", "mnist1d", "digits", "cifar10", "cifar100", "svhn")
 

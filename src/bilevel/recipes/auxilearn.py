@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.hypergrad import MetaOptimizer
 from bilevel.meta.auxiliary import LinearCombiner, NonlinearCombiner, task_weights
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     DataConfig,
     InnerOptimConfig,

@@ -40,7 +40,7 @@ from bilevel.meta import blending
 from bilevel.models import CBRStudent, resnet18
 from bilevel.recipes.commentaries_weighting import ImageDataConfig, load_images
 from bilevel.report.commentaries_plots import plot_lambda
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     HypergradConfig,
     InnerOptimConfig,

@@ -33,7 +33,7 @@ from bilevel.functional import call, module_state
 from bilevel.meta import weighting
 from bilevel.models import CBRStudent, CBRTeacher
 from bilevel.optim import adam
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     HypergradConfig,
     InnerOptimConfig,

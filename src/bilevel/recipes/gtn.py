@@ -48,7 +48,7 @@ from bilevel.meta.teaching import Curriculum, Teacher
 from bilevel.models import GTNLearner, GTNTeacher
 from bilevel.optim import sgd
 from bilevel.report.gtn_plots import image_grid
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     HypergradConfig,
     InnerOptimConfig,

@@ -24,7 +24,7 @@ from bilevel.recipes.gtn import (
     train_learner,
 )
 from bilevel.report.gtn_plots import accuracy_curves, shuffle_boxplot
-from bilevel.runs import CheckpointStore, load_layers, read_metrics, resolve_device, validate
+from bilevel.run import CheckpointStore, load_layers, read_metrics, resolve_device, validate
 
 # ---------------------------------------------------------------- shuffle test
 

@@ -25,7 +25,7 @@ from bilevel import hypergrad
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.models import MLP
 from bilevel.optim import sgd
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     DataConfig,
     HParamConfig,

@@ -35,8 +35,8 @@ from bilevel.errors import NonFiniteError
 from bilevel.meta.hparams import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
 from bilevel.recipes._onepass_task import DataSection, ModelSection, build_task
-from bilevel.runs import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
-from bilevel.runs.faults import kill_point
+from bilevel.run import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
+from bilevel.run.faults import kill_point
 from bilevel.tree import tree_all_finite, tree_leaves
 
 HName = Literal["lr", "weight_decay", "momentum"]

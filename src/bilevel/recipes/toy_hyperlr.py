@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bilevel import hypergrad
-from bilevel.runs import (
+from bilevel.run import (
     CheckpointConfig,
     DataConfig,
     HParamConfig,
@@ -39,8 +39,8 @@ from bilevel.runs import (
     on_nonfinite,
     resolve_device,
 )
-from bilevel.runs.faults import kill_point, triggered
-from bilevel.runs.nan import ROLLBACK_FACTOR
+from bilevel.run.faults import kill_point, triggered
+from bilevel.run.nan import ROLLBACK_FACTOR
 
 try:
     from bilevel.data import IndexSampler

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.report.collect import RunRecord
-from bilevel.runs.metrics import series
+from bilevel.run.metrics import series
 
 LOSS_CAP = 10.0  # final training losses above this are drawn as ✕ on the top edge
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.errors import ConfigError
-from bilevel.runs import config_hash, read_metrics
-from bilevel.runs.config import flatten
+from bilevel.run import config_hash, read_metrics
+from bilevel.run.config import flatten
 
 # Keys that do not make two runs different experiments.
 _IGNORED = ("run.seed", "logging.", "checkpoint.", "run.device", "run.threads")

@@ -12,7 +12,7 @@ import numpy as np
 
 from bilevel.report.collect import RunRecord
 from bilevel.report.stats import bootstrap_band
-from bilevel.runs.metrics import series
+from bilevel.run.metrics import series
 
 
 def metric_keys(groups: dict[str, list[RunRecord]]) -> list[str]:

@@ -97,7 +97,7 @@ def warm_start(donor_snapshot: Path, path: Path, configs: Sequence[str],
     state (adopted to the config unless ``adopt=False``, for a restart of the same trial);
     ``bilevel resume path`` then trains on from it."""
     from bilevel.recipes import get, resolve
-    from bilevel.runs import CheckpointStore, RunDir
+    from bilevel.run import CheckpointStore, RunDir
 
     name, config, resolved = resolve(configs, overrides)
     adopter = getattr(get(name), "adopt_state", None) or ADOPT.get(name)
@@ -119,7 +119,7 @@ def warm_start(donor_snapshot: Path, path: Path, configs: Sequence[str],
 
 
 def _snapshot(path: Path, dest: Path) -> None:
-    from bilevel.runs import CheckpointStore
+    from bilevel.run import CheckpointStore
 
     found = CheckpointStore(path / "checkpoints").load_latest(report=lambda _m: None)
     if found is None:

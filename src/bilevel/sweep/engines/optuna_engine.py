@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.errors import ConfigError
-from bilevel.runs.lock import pid_alive
+from bilevel.run.lock import pid_alive
 from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute
 from bilevel.sweep.schedulers import AbstractScheduler, Job, Space, rung_budgets
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pydantic
 
 from bilevel.errors import ConfigError
-from bilevel.runs.yamlio import Sources, load_yaml, parse_override
+from bilevel.run.yamlio import Sources, load_yaml, parse_override
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bilevel.errors import CheckpointError
-from bilevel.runs import CheckpointStore, RunLock, RunLockedError, capture_rng, restore_rng
+from bilevel.run import CheckpointStore, RunLock, RunLockedError, capture_rng, restore_rng
 
 
 def test_keep_last_and_roundtrip(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_malicious_checkpoint_refused(tmp_path: Path, monkeypatch: pytest.Monkey
 
 FULL_DISK = """
 import resource, signal, sys, torch
-from bilevel.runs import CheckpointStore, CheckpointWriteError
+from bilevel.run import CheckpointStore, CheckpointWriteError
 store = CheckpointStore(__import__("pathlib").Path(sys.argv[1]))
 store.save(1, {"w": torch.zeros(10)})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

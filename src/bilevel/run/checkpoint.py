@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bilevel.errors import BilevelError, CheckpointError
-from bilevel.runs.faults import kill_point
+from bilevel.run.faults import kill_point
 
 MANIFEST = "manifest.json"
 

@@ -5,9 +5,9 @@ Layout::
     RUN_DIR/
       config.yaml      resolved config (every default filled in); edit + resume is checked
       run.json         {"recipe", "config", "config_hash", "status", "created"}
-      metrics.jsonl    one JSON object per log call (see bilevel.runs.metrics)
+      metrics.jsonl    one JSON object per log call (see bilevel.run.metrics)
       tb/              TensorBoard events (when tensorboard is installed)
-      checkpoints/     step-*.pt + manifest.json (see bilevel.runs.checkpoint)
+      checkpoints/     step-*.pt + manifest.json (see bilevel.run.checkpoint)
       summary.json     the metrics ``run()`` returned, written when the run finishes
       lock             held while a process works in the directory
 
@@ -36,15 +36,15 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from bilevel.errors import BilevelError, CheckpointError, ConfigError
-from bilevel.runs.checkpoint import CheckpointStore
-from bilevel.runs.config import changed_keys, config_hash
-from bilevel.runs.faults import kill_point
-from bilevel.runs.lock import RunLock
-from bilevel.runs.metrics import MetricsWriter, truncate_metrics
-from bilevel.runs.progress import progress_bar, progress_enabled
-from bilevel.runs.schema import RESUMABLE_CHANGES, CheckpointConfig, LoggingConfig
-from bilevel.runs.seeding import capture_rng, restore_rng
-from bilevel.runs.yamlio import dump_yaml
+from bilevel.run.checkpoint import CheckpointStore
+from bilevel.run.config import changed_keys, config_hash
+from bilevel.run.faults import kill_point
+from bilevel.run.lock import RunLock
+from bilevel.run.metrics import MetricsWriter, truncate_metrics
+from bilevel.run.progress import progress_bar, progress_enabled
+from bilevel.run.schema import RESUMABLE_CHANGES, CheckpointConfig, LoggingConfig
+from bilevel.run.seeding import capture_rng, restore_rng
+from bilevel.run.yamlio import dump_yaml
 
 
 class RunInterrupted(BilevelError):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bilevel.errors import NonFiniteError
-from bilevel.runs import all_finite, on_nonfinite, read_metrics
-from bilevel.runs.metrics import TB_NOTICE, MetricsWriter, truncate_metrics
-from bilevel.runs.progress import progress_enabled
+from bilevel.run import all_finite, on_nonfinite, read_metrics
+from bilevel.run.metrics import TB_NOTICE, MetricsWriter, truncate_metrics
+from bilevel.run.progress import progress_enabled
 
 
 def test_full_precision_roundtrip_and_truncate(tmp_path: Path) -> None:

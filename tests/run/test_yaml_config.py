@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from bilevel.errors import ConfigError
-from bilevel.runs import RunConfig, Section, load_layers, validate
-from bilevel.runs.config import changed_keys, config_hash
-from bilevel.runs.schema import HypergradConfig, InnerOptimConfig
-from bilevel.runs.yamlio import parse_yaml
+from bilevel.run import RunConfig, Section, load_layers, validate
+from bilevel.run.config import changed_keys, config_hash
+from bilevel.run.schema import HypergradConfig, InnerOptimConfig
+from bilevel.run.yamlio import parse_yaml
 
 
 class Cfg(Section):

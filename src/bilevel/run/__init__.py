@@ -3,13 +3,13 @@
 Recipes import from here; nothing here imports a recipe.
 """
 
-from bilevel.runs.checkpoint import CheckpointStore, CheckpointWriteError
-from bilevel.runs.config import RawConfig, changed_keys, config_hash, load_layers, validate
-from bilevel.runs.lock import RunLock, RunLockedError
-from bilevel.runs.metrics import read_metrics
-from bilevel.runs.nan import all_finite, on_nonfinite
-from bilevel.runs.rundir import Checkpoint, RunDir, RunInterrupted
-from bilevel.runs.schema import (
+from bilevel.run.checkpoint import CheckpointStore, CheckpointWriteError
+from bilevel.run.config import RawConfig, changed_keys, config_hash, load_layers, validate
+from bilevel.run.lock import RunLock, RunLockedError
+from bilevel.run.metrics import read_metrics
+from bilevel.run.nan import all_finite, on_nonfinite
+from bilevel.run.rundir import Checkpoint, RunDir, RunInterrupted
+from bilevel.run.schema import (
     CheckpointConfig,
     DataConfig,
     HParamConfig,
@@ -21,7 +21,7 @@ from bilevel.runs.schema import (
     RunConfig,
     Section,
 )
-from bilevel.runs.seeding import (
+from bilevel.run.seeding import (
     capture_rng,
     configure_determinism,
     resolve_device,
