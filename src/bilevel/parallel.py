@@ -35,7 +35,7 @@ from bilevel.errors import ConfigError
 from bilevel.tree import Tree, tree_map
 
 __all__ = ["all_reduce_mean", "average_tree", "broadcast_tree", "init_from_env", "rank",
-           "shard", "world_size"]
+           "shard", "shutdown", "world_size"]
 
 
 def init_from_env(*, backend: str | None = None, device: torch.device | None = None
@@ -78,6 +78,19 @@ def rank() -> int:
 def world_size() -> int:
     """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shutdown() -> None:
+    """Leave the process group: a barrier, then ``destroy_process_group`` (no-op without one).
+
+    The barrier matters: a rank that destroys its group while another is still finishing its
+    last collective can make gloo abort the process ("terminate called without an active
+    exception") under load.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 class _MeanAllReduce(torch.autograd.Function):

@@ -68,8 +68,7 @@ def main(out: Path) -> None:
         result[tag + "state"] = un.state
     result["world"] = world
     torch.save(result, out / f"rank{rank}.pt")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    parallel.shutdown()
 
 
 if __name__ == "__main__":
