@@ -1,4 +1,4 @@
-"""The demo recipe (mnist_lr) end to end through the CLI, on scikit-learn's digits offline:
+"""mnist_lr (`make demo-lr`) end to end through the CLI, on scikit-learn's digits offline:
 it learns, it says what it learned, and a crash mid-checkpoint resumes bit for bit."""
 
 from __future__ import annotations

@@ -51,11 +51,13 @@ def register(sub: Any) -> None:
 
     r = sub.add_parser("sweep-report", help="the paper's table (bootstrap mean/median/best) "
                        "and loss-evolution figure of a sweep directory")
-    r.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    r.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR",
+                   help="one sweep directory, or several made with the same --seed and space "
+                   "(e.g. a later sweep of another algorithm): their runs are paired")
     r.add_argument("--metric", help="final metric (default: test/loss_unnormalised, "
                    "test/perplexity or test/loss, whichever the runs have)")
-    r.add_argument("--out", metavar="DIR", help="where to write table.md/.csv and the figure "
-                   "(default: SWEEP_DIR)")
+    r.add_argument("--out", metavar="DIR", help="where to write table.md/.csv, summary.md and "
+                   "the figure (default: the first SWEEP_DIR)")
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(handler=_report)
 
@@ -117,7 +119,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from bilevel.report.onepass_table import write_report
 
-    for path in write_report(args.sweep_dir, metric=args.metric, out=args.out,
+    for path in write_report(args.sweep_dirs, metric=args.metric, out=args.out,
                              plots=not args.no_plots):
         print(path)
     return 0

@@ -20,12 +20,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from bilevel.errors import ConfigError
 from bilevel.report.collect import RunRecord, load_run
+from bilevel.report.onepass_summary import median_seconds, write_summary
 from bilevel.report.stats import BootstrapSummary, bootstrap_band, bootstrap_summary
 
 LABELS = {  # sweep variant (config stem) -> the paper's name, in the paper's row order
@@ -39,14 +41,29 @@ LABELS = {  # sweep variant (config stem) -> the paper's name, in the paper's ro
 METRICS = ("test/loss_unnormalised", "test/perplexity", "test/loss")
 
 
-def load_sweep(sweep_dir: str | Path) -> dict[str, list[RunRecord]]:
-    """``{variant: runs}`` of a sweep directory (runs without ``run.json`` are skipped)."""
-    root = Path(sweep_dir)
-    if not (root / "sweep.json").is_file():
-        raise ConfigError(f"{root} has no sweep.json: give a directory made by `bilevel sweep`")
-    variants = json.loads((root / "sweep.json").read_text())["variants"]
-    return {v: [load_run(p) for p in sorted((root / v).glob("init-*")) if (p / "run.json").is_file()]
-            for v in variants}
+def load_sweep(*sweep_dirs: str | Path) -> dict[str, list[RunRecord]]:
+    """``{variant: runs}`` of one or more sweep directories (runs without ``run.json`` are
+    skipped). Several directories must share ``--seed`` and the search space, so that
+    initialisation ``i`` is the same draw in all of them and the runs stay paired."""
+    groups: dict[str, list[RunRecord]] = {}
+    first: tuple[Path, object] | None = None
+    for root in map(Path, sweep_dirs):
+        if not (root / "sweep.json").is_file():
+            raise ConfigError(f"{root} has no sweep.json: give a directory made by `bilevel sweep`")
+        plan = json.loads((root / "sweep.json").read_text())
+        key = (plan.get("seed", 0), plan["space"], plan.get("overrides", []), plan["base"])
+        if first is None:
+            first = (root, key)
+        elif key != first[1]:
+            raise ConfigError(f"{root} and {first[0]} are not paired sweeps (their --seed, "
+                              "search space, --set overrides or base configs differ): report "
+                              "them separately")
+        for v in plan["variants"]:
+            if v in groups:
+                raise ConfigError(f"variant {v!r} is in more than one of {', '.join(map(str, sweep_dirs))}")
+            groups[v] = [load_run(p) for p in sorted((root / v).glob("init-*"))
+                         if (p / "run.json").is_file()]
+    return groups
 
 
 def final(run: RunRecord, metric: str) -> float:
@@ -71,7 +88,7 @@ def table(groups: dict[str, list[RunRecord]], metric: str, *,
           diverged_at: float | None = None) -> list[tuple[str, BootstrapSummary, float]]:
     """Rows ``(variant, statistics, median seconds per run)`` in the paper's order."""
     finals = {v: [final(r, metric) for r in runs] for v, runs in groups.items() if runs}
-    seconds = {v: _median_seconds(runs) for v, runs in groups.items() if runs}
+    seconds = {v: median_seconds(runs) for v, runs in groups.items() if runs}
     if groups.get("random_validation"):
         runs = groups["random_validation"]
         finals["random_3_batched"] = three_batched([final(r, "val/loss") for r in runs],
@@ -79,11 +96,6 @@ def table(groups: dict[str, list[RunRecord]], metric: str, *,
         seconds["random_3_batched"] = 3 * seconds["random_validation"]
     order = [k for k in LABELS if k in finals] + sorted(k for k in finals if k not in LABELS)
     return [(k, bootstrap_summary(finals[k], diverged_at=diverged_at), seconds[k]) for k in order]
-
-
-def _median_seconds(runs: list[RunRecord]) -> float:
-    walls = [r.records[-1]["wall"] for r in runs if r.records and r.status == "finished"]
-    return float(np.median(walls)) if walls else math.nan
 
 
 def _fmt(x: float) -> str:
@@ -137,6 +149,10 @@ def loss_evolution(groups: dict[str, list[RunRecord]], metric: str, path: Path) 
         mid, std = bootstrap_band(m)
         ax.plot(steps, mid, label=LABELS.get(key, key), lw=1.5)
         ax.fill_between(steps, mid - std, mid + std, alpha=0.2)
+    runs = [r for rs in groups.values() for r in rs]
+    data = sorted({str(r.config.get("data", {}).get("name", "?")) for r in runs})
+    inits = len({r.path.name for r in runs})
+    ax.set_title(f"{', '.join(data)}: {inits} shared initialisations", fontsize=9)
     ax.set_yscale("log")
     ax.set_xlabel("weight steps")
     ax.set_ylabel(f"{metric} (bootstrap median ± std)")
@@ -147,18 +163,21 @@ def loss_evolution(groups: dict[str, list[RunRecord]], metric: str, path: Path) 
     return path
 
 
-def write_report(sweep_dir: str | Path, *, metric: str | None = None, out: str | Path | None = None,
-                 plots: bool = True, diverged_at: float | None = None) -> list[Path]:
-    """Write ``table.md``, ``table.csv`` and ``loss_evolution.png``; return their paths."""
-    groups = load_sweep(sweep_dir)
+def write_report(sweep_dirs: str | Path | Sequence[str | Path], *, metric: str | None = None,
+                 out: str | Path | None = None, plots: bool = True,
+                 diverged_at: float | None = None) -> list[Path]:
+    """Write ``table.md``, ``table.csv``, ``summary.md`` (what was learned, run by run against
+    Random) and ``loss_evolution.png`` for one or more paired sweeps; return their paths."""
+    dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
+    groups = load_sweep(*dirs)
     if metric is None:
         have = {k for runs in groups.values() for r in runs for k in r.final}
         metric = next((m for m in METRICS if m in have), None)
         if metric is None:
-            raise ConfigError(f"no run in {sweep_dir} has a final {' / '.join(METRICS)}; "
-                              "pass --metric")
+            raise ConfigError(f"no run in {' '.join(map(str, dirs))} has a final "
+                              f"{' / '.join(METRICS)}; pass --metric")
     rows = table(groups, metric, diverged_at=diverged_at)
-    dest = Path(out or sweep_dir)
+    dest = Path(out or dirs[0])
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "table.md").write_text(markdown(rows, metric))
     with (dest / "table.csv").open("w", newline="") as f:
@@ -168,7 +187,8 @@ def write_report(sweep_dir: str | Path, *, metric: str | None = None, out: str |
         for key, s, sec in rows:
             w.writerow([key, metric, s.n, s.dropped, s.mean, s.mean_std, s.median,
                         s.median_std, s.best, sec])
-    files = [dest / "table.md", dest / "table.csv"]
+    files = [dest / "table.md", dest / "table.csv",
+             write_summary(groups, metric, dest / "summary.md", labels=LABELS)]
     if plots:
         files.append(loss_evolution(groups, metric, dest / "loss_evolution.png"))
     return files
