@@ -58,6 +58,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/hypergrad.py
+	$(PY) benchmarks/onepass.py --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -19,7 +19,7 @@ from bilevel.recipes import shipped_configs, start
 from tests.conftest import shared_data_dir
 
 ALGOS = sorted(p.stem for p in shipped_configs() if p.parent.name == "onepass"
-               and not p.stem.startswith(("uci_", "fashion", "cifar", "ptb")))
+               and not p.stem.startswith(("uci_", "mnist", "fashion", "cifar", "ptb")))
 TINY = ["--set", "run.max_steps=12", "--set", "logging.every=2", "--set", "logging.progress=false",
         "--set", "algorithm.hyper_steps=3", "--set", "inner.lr=0.01"]
 

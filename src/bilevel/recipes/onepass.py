@@ -127,6 +127,35 @@ def hyperparameters(config: Config, like: dict[str, torch.Tensor]) -> Hyperparam
                             "momentum": spec("momentum", i.momentum, "sigmoid")}, like=like)
 
 
+def outer_optimizer(hp: Hyperparameters, algorithm: AlgorithmSection) -> torch.optim.Optimizer | None:
+    """Adam (or SGD) at ``algorithm.outer_lr`` over the learned raw hyperparameters, if any."""
+    cls = torch.optim.Adam if algorithm.outer == "adam" else torch.optim.SGD
+    return cls(hp.learned(), lr=algorithm.outer_lr) if hp.learned() else None
+
+
+def hyper_update(hp: Hyperparameters, outer: torch.optim.Optimizer | None, hg: Any, *,
+                 nan_policy: str, step: int) -> bool:
+    """One outer step along the hypergradient ``hg``, then the ``log10 lr`` clip.
+
+    Returns False when ``hg`` is non-finite and the step was skipped (``nan_policy: skip``);
+    raises :class:`NonFiniteError` under ``abort``. Nothing to do (True) when nothing is learned.
+    """
+    if hg is None or outer is None:
+        return True
+    if not bool(tree_all_finite(hg)):
+        if nan_policy == "abort":
+            raise NonFiniteError(f"non-finite hypergradient at hyper-step {step} "
+                                 "(set run.nan_policy: skip to skip such updates)",
+                                 step=step, what="hypergradient")
+        return False
+    outer.zero_grad(set_to_none=True)
+    for p, g in zip(tree_leaves(hp.raw_tree()), tree_leaves(hg), strict=True):
+        p.grad = g.detach().clone()
+    outer.step()
+    hp.clip_()
+    return True
+
+
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train with the configured algorithm; return the final metrics of every split."""
     a = config.algorithm
@@ -137,8 +166,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     hp = hyperparameters(config, w0).to(device)
     inner = Inner(task, hp, dict(w0), {k: torch.zeros_like(v) for k, v in w0.items()},
                   config.inner.grad_clip)
-    outer_cls = torch.optim.Adam if a.outer == "adam" else torch.optim.SGD
-    outer = outer_cls(hp.learned(), lr=a.outer_lr) if hp.learned() else None
+    outer = outer_optimizer(hp, a)
     hyper_step = ALGORITHMS[a.name]
     n_hyper = a.hyper_steps or config.run.max_steps // a.weight_steps
     counts = {"skipped": 0}
@@ -174,20 +202,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             run_dir.log(step, metrics)
             run_dir.checkpoint(step, snapshot(), force=True)
             break
-        if hg is not None and outer is not None:
-            if bool(tree_all_finite(hg)):
-                outer.zero_grad(set_to_none=True)
-                for p, g in zip(tree_leaves(hp.raw_tree()), tree_leaves(hg), strict=True):
-                    p.grad = g.detach().clone()
-                outer.step()
-                hp.clip_()
-            elif config.run.nan_policy == "abort":
-                raise NonFiniteError(f"non-finite hypergradient at hyper-step {step} "
-                                     "(set run.nan_policy: skip to skip such updates)",
-                                     step=step, what="hypergradient")
-            else:
-                counts["skipped"] += 1
-                run_dir.event(step, "nonfinite", what="hypergradient", action="skip")
+        if not hyper_update(hp, outer, hg, nan_policy=config.run.nan_policy, step=step):
+            counts["skipped"] += 1
+            run_dir.event(step, "nonfinite", what="hypergradient", action="skip")
         if a.name == "random_stepped_lr":
             hp.shift_("lr", math.log10(a.lr_multiplier))
         if inner.t // config.logging.every > logged_before or step == n_hyper:
