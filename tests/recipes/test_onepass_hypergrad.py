@@ -137,3 +137,41 @@ def test_diff_through_opt_equals_unrolled_through_lookback() -> None:
     hg, _ = diff_through_opt(inner, weight_steps=3, lookback=3)
     for k in raw:
         torch.testing.assert_close(hg[k], exact.hypergrad[k])
+
+
+@pytest.mark.parametrize("terms", [0, 2, 5])
+def test_initial_code_variant_is_its_documented_formula(terms: int) -> None:
+    """``ours_initial_code`` = ∂L_V(w₂)/∂λ + (∂Δ/∂λ)ᵀ Σ_{j≤i} (I − ∂Δ/∂w₁)ʲ ∂L_V/∂w₁ for the
+    last two updates, Δ = w₂ − w₁, recomputed here from explicit matrices."""
+    from bilevel.recipes._onepass_algos import ours_initial_code
+
+    inner, (x, y, xv, yv), (lr, wd, _) = _problem()
+    w0, b0 = inner.w["weight"].reshape(3, 1), inner.buf["weight"].reshape(3, 1)
+    a, c, eye = 2 * x.T @ x / len(x), 2 * x.T @ y / len(x), torch.eye(3, dtype=torch.float64)
+
+    def two_updates(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eta, lam, mu = 10 ** raw[0], 10 ** raw[1], torch.sigmoid(raw[2])
+        b1 = mu * b0 + a @ w0 - c + lam * w0
+        w1 = w0 - eta * b1
+        b2 = mu * b1 + a @ w1 - c + lam * w1
+        return w1, w1 - eta * b2
+
+    def val_loss(w: torch.Tensor) -> torch.Tensor:
+        return ((xv @ w - yv) ** 2).mean()
+
+    raw = torch.stack([inner.hp.raw_tree()[k].detach() for k in ("lr", "weight_decay", "momentum")])
+    _, w2 = two_updates(raw)
+    direct = torch.func.grad(lambda r: val_loss(two_updates(r)[1]))(raw)
+    d_delta = torch.autograd.functional.jacobian(lambda r: (lambda p: p[1] - p[0])(two_updates(r)), raw)
+    n = -lr * (a + wd * eye)  # ∂Δ/∂w₁ (symmetric)
+    v = (eye + n).T @ (2 * xv.T @ (xv @ w2 - yv) / len(xv))  # ∂L_V/∂w₁
+    p = v.clone()
+    for _ in range(terms):
+        v = (eye - n).T @ v
+        p = p + v
+    expected = direct + torch.einsum("ik,i->k", d_delta.reshape(3, 3), p.reshape(3))
+    hg, _ = ours_initial_code(inner, weight_steps=2, terms=terms)
+    got = torch.stack([hg[k] for k in ("lr", "weight_decay", "momentum")])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(inner.w["weight"], w2.reshape(1, 3))
+    assert inner.t == 2

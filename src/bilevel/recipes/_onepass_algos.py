@@ -23,6 +23,13 @@ nothing is learned) and the outer loss:
   that derivative directly into the raw ``log10`` learning rate, and so do we.
 * ``diff_through_opt``: ``T − lookback`` plain steps, then :func:`hypergrad.unrolled` through
   the last ``lookback`` updates (state = weights and momentum buffers).
+* ``ours_initial_code``: *not a correct hypergradient*, offered only to reproduce the paper's
+  tables. The first public commit of the authors' code (rmclarke/
+  OptimisingWeightUpdateHyperparameters) differs from the paper's equation, which a later
+  commit restores: with ``Δ = w_T − w_{T−1}`` and the last **two** updates differentiable, it
+  returns ``∂L_V(w_T)/∂λ + (∂Δ/∂λ)ᵀ p`` with ``p = Σ_{j=0..i} (I − ∂Δ/∂w_{T−1})^j ∂L_V/∂w_{T−1}``,
+  where the paper's series has ``(I + ∂Δ/∂w)``, i.e. ``(I − ∂u/∂w)`` for ``u = −Δ``, and
+  ``i`` terms. See docs/results.md (the HDLR disagreement) for what it changes.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from bilevel import hypergrad
 from bilevel.meta.hparams import Hyperparameters
 from bilevel.optim import SGDState, sgd
 from bilevel.recipes._onepass_task import Batch, Task
+from bilevel.tree import tree_flatten, tree_unflatten
 
 Params = dict[str, Tensor]
 _STEP0 = torch.zeros((), dtype=torch.int64)  # dampening is 0, so the step count is unused
@@ -163,7 +171,38 @@ def diff_through_opt(inner: Inner, *, weight_steps: int, lookback: int, **_: Any
     return r.hypergrad, r.outer_loss
 
 
+def ours_initial_code(inner: Inner, *, weight_steps: int, terms: int, **_: Any
+                      ) -> tuple[Any, Tensor]:
+    """The authors' first released hypergradient (module docstring), sign and all."""
+    plain_steps(inner, weight_steps - 2)
+    raw = inner.hp.raw_tree()
+    (leaves, treedef), hv = tree_flatten(raw), inner.hp.values(raw)
+    w_a = {k: v.detach().requires_grad_() for k, v in inner.w.items()}
+    w_b, buf_b = update(inner, w_a, inner.buf, hv, inner.task.train_batch(), create_graph=True,
+                        commit=True)
+    w_c, buf_c = update(inner, w_b, buf_b, hv, inner.task.train_batch(), create_graph=True,
+                        commit=True)
+    loss = inner.task.loss(w_c, inner.task.val_batch())[0]
+    wb = list(w_b.values())
+    delta = [c - b for c, b in zip(w_c.values(), wb, strict=True)]
+    direct = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    v = list(torch.autograd.grad(loss, wb, retain_graph=True))
+    p = list(v)
+    for _ in range(terms):  # the code's range(rollback): terms + 1 terms in all
+        jv = torch.autograd.grad(delta, wb, grad_outputs=v, retain_graph=True)
+        v = [a - b for a, b in zip(v, jv, strict=True)]  # (I − ∂Δ/∂w)ᵀ v: the flipped sign
+        p = [a + b for a, b in zip(p, v, strict=True)]
+    indirect = torch.autograd.grad(delta, leaves, grad_outputs=p, allow_unused=True)
+    hg = [sum((g for g in (d, i) if g is not None), torch.zeros_like(x)).detach()
+          for d, i, x in zip(direct, indirect, leaves, strict=True)]
+    inner.w = {k: v.detach() for k, v in w_c.items()}
+    inner.buf = {k: v.detach() for k, v in buf_c.items()}
+    inner.t += 2
+    return tree_unflatten(treedef, hg), loss.detach()
+
+
 ALGORITHMS: dict[str, Callable[..., tuple[Any, Any]]] = {
     "random": random, "random_stepped_lr": random, "random_validation": random,
     "lorraine": lorraine, "baydin": baydin, "ours": ours, "diff_through_opt": diff_through_opt,
+    "ours_initial_code": ours_initial_code,
 }

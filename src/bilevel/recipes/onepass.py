@@ -46,7 +46,7 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {  # Clarke et al.'s natural_sgd_gener
     "inner.momentum": {"dist": "uniform", "low": 0.0, "high": 1.0},
     "algorithm.lr_multiplier": {"dist": "uniform", "low": 0.995, "high": 1.001},
 }
-_HYPERGRAD = ("lorraine", "baydin", "ours", "diff_through_opt")
+_HYPERGRAD = ("lorraine", "baydin", "ours", "diff_through_opt", "ours_initial_code")
 
 
 class InnerSection(Section):
@@ -62,7 +62,7 @@ class AlgorithmSection(Section):
     """Which algorithm, what it learns and its schedule (seeds.md §3.2)."""
 
     name: Literal["random", "random_stepped_lr", "random_validation", "lorraine", "baydin",
-                  "ours", "diff_through_opt"] = "ours"
+                  "ours", "diff_through_opt", "ours_initial_code"] = "ours"
     learn: list[HName] = Field(default_factory=lambda: ["lr", "weight_decay", "momentum"])
     per_weight: list[HName] = Field(default_factory=list, description="HDLR: [lr]")
     weight_steps: int = Field(10, gt=0, description="T: weight steps per hyper-step")
@@ -87,6 +87,9 @@ class AlgorithmSection(Section):
         if not set(self.per_weight) <= set(self.learn):
             raise ValueError(f"algorithm.per_weight {self.per_weight} must be a subset of "
                              f"algorithm.learn {self.learn}")
+        if name == "ours_initial_code" and self.weight_steps < 2:
+            raise ValueError("algorithm 'ours_initial_code' differentiates the last two updates: "
+                             "algorithm.weight_steps must be at least 2")
         if name == "diff_through_opt" and self.lookback > self.weight_steps:
             raise ValueError(f"algorithm.lookback ({self.lookback}) must be at most "
                              f"algorithm.weight_steps ({self.weight_steps})")

@@ -37,6 +37,8 @@ LABELS = {  # sweep variant (config stem) -> the paper's name, in the paper's ro
     "ours_wd_hdlr_m": "Ours WD+HDLR+M", "diff_through_opt": "Diff-through-Opt",
     "long_diff_through_opt_uci": "Long Diff-through-Opt",
     "full_diff_through_opt_uci": "Full Diff-through-Opt",
+    "ours_wd_lr_m_initial_code": "Ours WD+LR+M (initial code)",
+    "ours_wd_hdlr_m_initial_code": "Ours WD+HDLR+M (initial code)",
 }
 METRICS = ("test/loss_unnormalised", "test/perplexity", "test/loss")
 
