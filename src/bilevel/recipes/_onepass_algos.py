@@ -24,9 +24,9 @@ nothing is learned) and the outer loss:
 * ``diff_through_opt``: ``T − lookback`` plain steps, then :func:`hypergrad.unrolled` through
   the last ``lookback`` updates (state = weights and momentum buffers).
 * ``ours_initial_code``: *not a correct hypergradient*, offered only to reproduce the paper's
-  tables. The first public commit of the authors' code (rmclarke/
-  OptimisingWeightUpdateHyperparameters) differs from the paper's equation, which a later
-  commit restores: with ``Δ = w_T − w_{T−1}`` and the last **two** updates differentiable, it
+  tables. An earlier commit of the authors' code (rmclarke/
+  OptimisingWeightUpdateHyperparameters, dc5e554) differs from the paper's equation, which
+  the later one (d4e532b) follows: with ``Δ = w_T − w_{T−1}`` and the last **two** updates differentiable, it
   returns ``∂L_V(w_T)/∂λ + (∂Δ/∂λ)ᵀ p`` with ``p = Σ_{j=0..i} (I − ∂Δ/∂w_{T−1})^j ∂L_V/∂w_{T−1}``,
   where the paper's series has ``(I + ∂Δ/∂w)``, i.e. ``(I − ∂u/∂w)`` for ``u = −Δ``, and
   ``i`` terms. See docs/results.md (the HDLR disagreement) for what it changes.
@@ -173,7 +173,7 @@ def diff_through_opt(inner: Inner, *, weight_steps: int, lookback: int, **_: Any
 
 def ours_initial_code(inner: Inner, *, weight_steps: int, terms: int, **_: Any
                       ) -> tuple[Any, Tensor]:
-    """The authors' first released hypergradient (module docstring), sign and all."""
+    """The authors' earlier hypergradient (module docstring), sign and all."""
     plain_steps(inner, weight_steps - 2)
     raw = inner.hp.raw_tree()
     (leaves, treedef), hv = tree_flatten(raw), inner.hp.values(raw)
