@@ -45,8 +45,9 @@ METRICS = ("test/loss_unnormalised", "test/perplexity", "test/loss")
 
 def load_sweep(*sweep_dirs: str | Path) -> dict[str, list[RunRecord]]:
     """``{variant: runs}`` of one or more sweep directories (runs without ``run.json`` are
-    skipped). Several directories must share ``--seed`` and the search space, so that
-    initialisation ``i`` is the same draw in all of them and the runs stay paired."""
+    skipped). Several directories must share ``--seed``, the search space, ``--set``
+    overrides and base configs, so that initialisation ``i`` is the same run setting in all
+    of them and the runs stay paired."""
     groups: dict[str, list[RunRecord]] = {}
     first: tuple[Path, object] | None = None
     for root in map(Path, sweep_dirs):
