@@ -16,7 +16,6 @@ paragraph states:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -26,13 +25,15 @@ from bilevel.report.stats import higher_is_better
 _NAMES = {"lr": "learning rate", "weight_decay": "weight decay", "momentum": "momentum"}
 
 
+def final(run: RunRecord, metric: str) -> float:
+    """The run's final value of ``metric`` (NaN when missing or not finished)."""
+    return float(run.final.get(metric, math.nan)) if run.status == "finished" else math.nan
+
+
 def paired(groups: dict[str, list[RunRecord]], variant: str, baseline: str,
            metric: str) -> list[tuple[float, float]]:
     """``(variant, baseline)`` final values of the initialisations both finished, finite."""
-    def finals(runs: list[RunRecord]) -> dict[str, float]:
-        return {r.path.name: float(r.final.get(metric, math.nan)) for r in runs
-                if r.status == "finished"}
-    mine, base = finals(groups[variant]), finals(groups[baseline])
+    mine, base = ({r.path.name: final(r, metric) for r in groups[v]} for v in (variant, baseline))
     return [(mine[k], base[k]) for k in sorted(mine.keys() & base.keys())
             if math.isfinite(mine[k]) and math.isfinite(base[k])]
 
@@ -54,9 +55,8 @@ def learned(runs: list[RunRecord]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _median(runs: list[RunRecord], key: str) -> float:
-    v = [float(r.final[key]) for r in runs if r.status == "finished"
-         and math.isfinite(float(r.final.get(key, math.nan)))]
+def _median(runs: list[RunRecord], metric: str) -> float:
+    v = [x for x in (final(r, metric) for r in runs) if math.isfinite(x)]
     return float(np.median(v)) if v else math.nan
 
 
@@ -97,8 +97,7 @@ def paragraph(groups: dict[str, list[RunRecord]], metric: str, *, labels: dict[s
             what = _NAMES.get(hp, hp) + (" (per weight; median over weights)" if hp in per_weight else "")
             lines.append(f"Its {what} went from a median {_g(start)} at the start to {_g(end)} "
                          f"at the end (×{_g(end / start)}).")
-        nan = sum(r.status == "finished" and not math.isfinite(float(r.final.get(metric, math.nan)))
-                  for r in runs)
+        nan = sum(r.status == "finished" and not math.isfinite(final(r, metric)) for r in runs)
         ratio = median_seconds(runs) / median_seconds(base)
         lines.append(f"A run took {_g(ratio)}× {name}'s wall-clock (median), and {nan} of "
                      f"{len(runs)} runs diverged.")
@@ -107,9 +106,3 @@ def paragraph(groups: dict[str, list[RunRecord]], metric: str, *, labels: dict[s
             f"{name} on every initialisation (paired runs); medians are over runs.")
     return "\n\n".join([head, *text]) + "\n"
 
-
-def write_summary(groups: dict[str, list[RunRecord]], metric: str, path: Path, *,
-                  labels: dict[str, str]) -> Path:
-    """Write :func:`paragraph` to ``path``; return it."""
-    path.write_text(paragraph(groups, metric, labels=labels))
-    return path

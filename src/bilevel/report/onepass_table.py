@@ -27,7 +27,7 @@ import numpy as np
 
 from bilevel.errors import ConfigError
 from bilevel.report.collect import RunRecord, load_run
-from bilevel.report.onepass_summary import median_seconds, write_summary
+from bilevel.report.onepass_summary import final, median_seconds, paragraph
 from bilevel.report.stats import BootstrapSummary, bootstrap_band, bootstrap_summary
 
 LABELS = {  # sweep variant (config stem) -> the paper's name, in the paper's row order
@@ -67,11 +67,6 @@ def load_sweep(*sweep_dirs: str | Path) -> dict[str, list[RunRecord]]:
             groups[v] = [load_run(p) for p in sorted((root / v).glob("init-*"))
                          if (p / "run.json").is_file()]
     return groups
-
-
-def final(run: RunRecord, metric: str) -> float:
-    """The run's final value of ``metric`` (NaN when missing or not finished)."""
-    return float(run.final.get(metric, math.nan)) if run.status == "finished" else math.nan
 
 
 def three_batched(val: list[float], test: list[float], *, seed: int = 0) -> list[float]:
@@ -190,8 +185,8 @@ def write_report(sweep_dirs: str | Path | Sequence[str | Path], *, metric: str |
         for key, s, sec in rows:
             w.writerow([key, metric, s.n, s.dropped, s.mean, s.mean_std, s.median,
                         s.median_std, s.best, sec])
-    files = [dest / "table.md", dest / "table.csv",
-             write_summary(groups, metric, dest / "summary.md", labels=LABELS)]
+    (dest / "summary.md").write_text(paragraph(groups, metric, labels=LABELS))
+    files = [dest / "table.md", dest / "table.csv", dest / "summary.md"]
     if plots:
         files.append(loss_evolution(groups, metric, dest / "loss_evolution.png"))
     return files
