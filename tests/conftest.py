@@ -1,4 +1,4 @@
-"""Shared test setup: one thread per worker, float64 where tests ask, data from shared/."""
+"""Shared test setup: one thread per worker, float64 where tests ask, the UCI files."""
 
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path | None:
-    """The UCI files CI and tests read (``../shared/data`` beside the repo), if present."""
+FIXTURES = REPO / "tests" / "fixtures"  # the UCI files shipped with the tests
+
+
+def shared_data_dir() -> Path:
+    """The folder holding ``uci/`` that tests read: ``$BILEVEL_SHARED_DATA``, else
+    ``../shared/data`` beside the repo, else the copy shipped in ``tests/fixtures`` (the same
+    files, sha256-pinned), so that no UCI test is skipped on a user's machine."""
     env = os.environ.get("BILEVEL_SHARED_DATA")
     for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
         if (cand / "uci").is_dir():
             return cand
-    return None
+    return FIXTURES
 
 
 @pytest.fixture

@@ -50,3 +50,25 @@ class NonFiniteError(HypergradError):
 
 class NeumannDivergenceError(HypergradError):
     """The Neumann series for an inverse-Jacobian product grew instead of shrinking."""
+
+
+class SweepStoppedError(BilevelError):
+    """A sweep stopped because a trial could not start for a reason every trial shares
+    (missing data, an invalid config): running the others would only repeat it.
+
+    ``exit_code`` is the cause's own (2 config, 3 data), so ``bilevel sweep`` exits as
+    ``bilevel run`` would have.
+    """
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+SHARED_CAUSE_CODES = (2, 3)  # ConfigError, the data package's errors
+
+
+def shared_cause_code(exc: BaseException) -> int:
+    """The exit code of ``exc`` if it is a cause every trial of a sweep shares, else 0."""
+    code = getattr(exc, "exit_code", 0)
+    return code if code in SHARED_CAUSE_CODES else 0

@@ -48,7 +48,6 @@ def test_data_dir_precedence_never_cwd(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing was created anywhere
 
 
-@pytest.mark.skipif(shared_data_dir() is None, reason="UCI files not found (set BILEVEL_SHARED_DATA)")
 def test_cli_fetch_list_verify(data_dir, capsys):
     assert run_cli("data", "fetch", "uci_yacht", "mnist1d", "--from", str(shared_data_dir() / "uci")) == 0
     out = capsys.readouterr().out

@@ -10,8 +10,20 @@ import torch
 
 from bilevel.data import REGISTRY, DataVerificationError, fetch_dataset, load_dataset
 from bilevel.data._spec import RawFile
-from bilevel.data.images import MNIST_IDX_MD5
+from bilevel.data import images
+from bilevel.data.images import FASHION_IDX_CONTENT_SHA256, MNIST_IDX_MD5
 from tests.data._writers import cifar_batch, md5, write_mnist_idx, write_tar
+
+
+def _unpin_arrays(monkeypatch, name: str) -> None:
+    """Drop a spec's pinned array sha256s (the real pins are tested to refuse tiny files)."""
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], array_sha256={}))
+
+
+def _pin_fashion_content(monkeypatch, folder) -> None:
+    for name in FASHION_IDX_CONTENT_SHA256:
+        monkeypatch.setitem(FASHION_IDX_CONTENT_SHA256, name, images._content_sha256(folder / name))
+    _unpin_arrays(monkeypatch, "fashion_mnist")
 
 
 def _pin_to(monkeypatch, name: str, folder) -> None:
@@ -23,9 +35,9 @@ def _pin_to(monkeypatch, name: str, folder) -> None:
 
 def test_fashion_mnist_idx(data_dir, tmp_path, monkeypatch):
     write_mnist_idx(tmp_path / "src", 30, 10)
-    with pytest.raises(DataVerificationError, match="md5"):
+    with pytest.raises(DataVerificationError, match="train-images-idx3-ubyte.gz: decompressed sha256"):
         fetch_dataset("fashion_mnist", from_dir=tmp_path / "src")
-    _pin_to(monkeypatch, "fashion_mnist", tmp_path / "src")
+    _pin_fashion_content(monkeypatch, tmp_path / "src")
     fetch_dataset("fashion_mnist", from_dir=tmp_path / "src")
     ds = load_dataset("fashion_mnist", val_size=5)
     assert ds.sizes() == (25, 5, 10) and ds.train.x.shape == (25, 1, 28, 28)
@@ -39,10 +51,34 @@ def test_mnist_from_idx_files(data_dir, tmp_path, monkeypatch):
         fetch_dataset("mnist", from_dir=tmp_path / "src")
     for name in MNIST_IDX_MD5:
         monkeypatch.setitem(MNIST_IDX_MD5, name, md5(tmp_path / "src" / name))
+    with pytest.raises(DataVerificationError, match="'x_train' converted from the source"):
+        fetch_dataset("mnist", from_dir=tmp_path / "src")  # the array pins refuse them too
+    _unpin_arrays(monkeypatch, "mnist")
     fetch_dataset("mnist", from_dir=tmp_path / "src")
     ds = load_dataset("mnist", val_size=4, split_seed=None)
     assert ds.sizes() == (16, 4, 10) and ds.info["input_shape"] == (1, 28, 28)
     assert torch.equal(ds.val.y, torch.tensor([6, 7, 8, 9]))  # split_seed=None: the last rows
+
+
+def test_fashion_mnist_from_the_debian_package_folder(data_dir, tmp_path, monkeypatch):
+    """Without --from, fetch reads Debian's folder when the package is installed (no network)."""
+    write_mnist_idx(tmp_path / "deb", 12, 6, seed=2)
+    monkeypatch.setattr(images, "FASHION_DEBIAN_DIR", tmp_path / "deb")
+    with pytest.raises(DataVerificationError, match="decompressed sha256"):
+        fetch_dataset("fashion_mnist")  # the real pins refuse the tiny files
+    _pin_fashion_content(monkeypatch, tmp_path / "deb")
+    manifest = fetch_dataset("fashion_mnist")
+    assert set(manifest["raw_sha256"]) == set(FASHION_IDX_CONTENT_SHA256)
+    assert load_dataset("fashion_mnist", val_size=2).sizes() == (10, 2, 6)
+
+
+@pytest.mark.skipif(not all((images.FASHION_DEBIAN_DIR / n).is_file() for n in FASHION_IDX_CONTENT_SHA256),
+                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
+def test_real_fashion_mnist_from_debian_matches_the_pins(data_dir):
+    fetch_dataset("fashion_mnist")  # checks the decompressed-file and the array pins
+    ds = load_dataset("fashion_mnist")
+    assert ds.sizes() == (50_000, 10_000, 10_000)
+    assert torch.bincount(ds.test.y).tolist() == [1000] * 10
 
 
 @pytest.mark.parametrize(("name", "archive", "train", "test", "key", "classes"), [

@@ -19,9 +19,6 @@ from bilevel.data.uci import TABLE
 from tests.conftest import shared_data_dir
 
 SHARED = shared_data_dir()
-pytestmark = pytest.mark.skipif(
-    SHARED is None, reason="UCI files not found: set BILEVEL_SHARED_DATA to the folder holding uci/"
-)
 
 
 @pytest.mark.parametrize("short", sorted(TABLE))

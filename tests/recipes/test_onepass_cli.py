@@ -27,8 +27,6 @@ TINY = ["--set", "run.max_steps=12", "--set", "logging.every=2", "--set", "loggi
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shared = shared_data_dir()
-    if shared is None:
-        pytest.skip("shared UCI data not present")
     d = tmp_path_factory.mktemp("data")
     fetch_dataset("uci_energy", d, from_dir=shared)
     return d

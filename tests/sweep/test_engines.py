@@ -31,8 +31,6 @@ TINY = {"search": SEARCH, "overrides": SETS, "trials": 4, "max_resource": 40,
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     shared = shared_data_dir()
-    if shared is None:
-        pytest.skip("UCI files not found (set BILEVEL_SHARED_DATA)")
     d = tmp_path_factory.mktemp("data")
     fetch_dataset("uci_energy", d, from_dir=shared)
     return d

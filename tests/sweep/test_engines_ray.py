@@ -18,8 +18,6 @@ tune = pytest.importorskip("ray.tune")
 
 def test_ray_asha_reports_and_checkpoints_through_bilevel(tmp_path, monkeypatch):
     shared = shared_data_dir()
-    if shared is None:
-        pytest.skip("UCI files not found (set BILEVEL_SHARED_DATA)")
     fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared)
     monkeypatch.setenv("BILEVEL_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -95,11 +95,9 @@ def test_table_drops_and_counts_nan_and_bolds_within_error() -> None:
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     shared = shared_data_dir()
-    if shared is None:
-        pytest.skip("shared UCI data not present")
     from bilevel.data import fetch_dataset
 
-    fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared)
+    fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared / "uci")
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "bilevel", "sweep", "onepass/uci_energy.yaml", "-a", "onepass/random.yaml",
            "-a", "onepass/ours_wd_lr.yaml", "--inits", "1", "--parallel", "1", "--out", str(out),
@@ -124,3 +122,27 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path,
     assert killed["status"] == "finished"
     assert main(["sweep-report", str(out), "--no-plots"]) == 0
     assert "| Ours WD+LR | 1 (0) |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_cause_every_trial_shares_stops_the_sweep_with_its_exit_code(
+        tmp_path: Path, parallel: str) -> None:
+    """Missing data: one clear message and exit 3, not a traceback per trial; after the
+    fetch, the same command runs every trial (nothing left behind blocks them)."""
+    empty, out = tmp_path / "empty-data", tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "bilevel", "sweep", "onepass/uci_energy.yaml", "-a",
+           "onepass/random.yaml", "-a", "onepass/ours_wd_lr.yaml", "--inits", "2",
+           "--parallel", parallel, "--out", str(out), "--set", "run.max_steps=20",
+           "--set", "logging.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BILEVEL_DATA": str(empty)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=300)
+    assert r.returncode == 3, r
+    assert r.stderr.count("bilevel data fetch uci_energy") == 1 and "Traceback" not in r.stderr
+    assert "sweep stopped" in r.stderr
+    if parallel == "1":
+        return
+    from bilevel.data import fetch_dataset
+
+    fetch_dataset("uci_energy", empty, from_dir=shared_data_dir() / "uci")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=300)
+    assert r.returncode == 0 and "4 runs: 0 failed" in r.stdout, r

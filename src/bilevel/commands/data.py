@@ -7,8 +7,16 @@ set. Errors carry ``exit_code = 3`` and are reported by ``bilevel.cli``.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from bilevel.data import REGISTRY, default_data_dir, fetch_dataset, list_datasets, verify_dataset
+from bilevel.data import (
+    REGISTRY,
+    DataError,
+    default_data_dir,
+    fetch_dataset,
+    list_datasets,
+    verify_dataset,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="read the raw files from DIR instead of the network (UCI: the shared/data/uci layout)")
     p.set_defaults(handler=_fetch)
 
-    p = sub.add_parser("verify", parents=[common], help="re-hash cached arrays against their manifests")
+    p = sub.add_parser(
+        "verify", parents=[common],
+        help="re-hash cached arrays against their manifests and pinned sha256s",
+        description="Exit 0 only when every named data set is cached and matches its pinned "
+                    "hashes; 3 when one is missing (the fetch command is printed) or corrupted "
+                    "(the file is named); 2 for an unknown name.")
     p.add_argument("names", nargs="*", metavar="NAME", help="data sets (default: every cached one)")
     p.set_defaults(handler=_verify)
 
@@ -66,10 +79,23 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    """One line per data set; exit 3 if any is missing or corrupted (every name is checked)."""
+    unknown = [n for n in args.names if n not in REGISTRY]
+    if unknown:
+        print(f"error: unknown data set(s) {', '.join(unknown)}; known: "
+              f"{', '.join(sorted(REGISTRY))}", file=sys.stderr)
+        return 2
     names = args.names or [r["name"] for r in list_datasets(args.data_dir) if r["cached"]]
     if not names:
         print("nothing cached to verify")
+    code = 0
     for name in names:
-        r = verify_dataset(name, args.data_dir)
-        print(f"{name}: {r['status']} ({r['arrays']} arrays)")
-    return 0
+        try:
+            r = verify_dataset(name, args.data_dir)
+        except DataError as exc:
+            print(f"{name}: FAILED: {exc}", file=sys.stderr)
+            code = max(code, exc.exit_code)
+            continue
+        detail = "computed on demand, no fetch needed" if r["status"] == "generated" else f"{r['arrays']} arrays"
+        print(f"{name}: {r['status']} ({detail})")
+    return code

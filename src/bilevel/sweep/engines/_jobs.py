@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, shared_cause_code
 from bilevel.sweep.schedulers import Job
 
 Adopt = Callable[[dict[str, Any], Any], dict[str, Any]]
@@ -70,6 +70,7 @@ class JobResult:
     seconds: float = 0.0
     steps: int = 0
     error: str = ""
+    exit_code: int = 0  # non-zero: a cause every trial shares (missing data, bad config)
 
 
 def job_overrides(spec: JobSpec) -> list[str]:
@@ -153,7 +154,7 @@ def execute(spec: JobSpec) -> JobResult:
             _snapshot(path, Path(spec.snapshot))
     except Exception as exc:  # the sweep records a failed job as diverged and goes on
         return JobResult(job.id, math.nan, {}, time.perf_counter() - t0, steps,
-                         f"{type(exc).__name__}: {exc}")
+                         f"{type(exc).__name__}: {exc}", shared_cause_code(exc))
     if spec.metric not in summary:
         return JobResult(job.id, math.nan, summary, time.perf_counter() - t0, steps,
                          f"metric {spec.metric!r} not in the run's summary "

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, SweepStoppedError
 from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute
 from bilevel.sweep.schedulers import AbstractScheduler, Job
 
@@ -131,6 +131,12 @@ def run_scheduler(scheduler: AbstractScheduler, *, root: str | Path, configs: Se
                 return ledger
             job, fut = inflight.popleft()
             result = fut.result()  # BrokenProcessPool (a worker was killed) propagates
+            if result.exit_code:  # not recorded: the same command reruns it once fixed
+                raise SweepStoppedError(
+                    f"trial {job.trial} (job {job.id}) could not start, and every other trial "
+                    f"would fail the same way, so the sweep stopped: {result.error}\nFix this "
+                    "and run the same command again: finished jobs are kept.",
+                    exit_code=result.exit_code)
             if job.id not in ledger.results:
                 ledger.record(result)
             scheduler.report(job, result.value)
