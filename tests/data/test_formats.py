@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel.data import REGISTRY, DataVerificationError, fetch_dataset, load_dataset
+from bilevel.data import REGISTRY, DataVerificationError, fetch_dataset, images, load_dataset
 from bilevel.data._spec import RawFile
-from bilevel.data import images
 from bilevel.data.images import FASHION_IDX_CONTENT_SHA256, MNIST_IDX_MD5
 from tests.data._writers import cifar_batch, md5, write_mnist_idx, write_tar
 
@@ -35,7 +34,7 @@ def _pin_to(monkeypatch, name: str, folder) -> None:
 
 def test_fashion_mnist_idx(data_dir, tmp_path, monkeypatch):
     write_mnist_idx(tmp_path / "src", 30, 10)
-    with pytest.raises(DataVerificationError, match="train-images-idx3-ubyte.gz: decompressed sha256"):
+    with pytest.raises(DataVerificationError, match=r"train-images-idx3-ubyte\.gz: decompressed sha256"):
         fetch_dataset("fashion_mnist", from_dir=tmp_path / "src")
     _pin_fashion_content(monkeypatch, tmp_path / "src")
     fetch_dataset("fashion_mnist", from_dir=tmp_path / "src")

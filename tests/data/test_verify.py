@@ -44,7 +44,7 @@ def test_byte_flipped_npz_is_exit_3_naming_the_file(data_dir, capsys):
     npz.write_bytes(bytes(raw))
     code, text = _verify(capsys, "uci_kin8nm")
     assert code == 3 and str(npz) in text and "Traceback" not in text
-    with pytest.raises(DataVerificationError, match="arrays.npz"):
+    with pytest.raises(DataVerificationError, match=r"arrays\.npz"):
         load_dataset("uci_kin8nm")  # training refuses it too
 
 
