@@ -42,9 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a second Ctrl-C/SIGTERM carries its own exit code
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
     except Exception as exc:  # map library errors to exit codes; re-raise the rest
         code = getattr(exc, "exit_code", None)
         if code is None:
