@@ -81,6 +81,7 @@ class RunDir:
         self._metrics: MetricsWriter | None = None
         self._lock = RunLock(path / "lock")
         self._signals = StopSignals()
+        self._saved: int | None = None  # the step of the last checkpoint written
         self._t0 = time.time()
 
     @classmethod
@@ -304,8 +305,9 @@ class RunDir:
                           enabled=enabled) as bar:
             for step in range(start + 1, stop + 1):
                 if self._signals.requested:
-                    raise self._interrupted(f"interrupted at step {step - 1} without a "
-                                            "checkpoint")
+                    done = ("checkpoint written; continue with: bilevel resume "
+                            f"{self.path}" if self._saved == step - 1 else "without a checkpoint")
+                    raise self._interrupted(f"interrupted at step {step - 1}; {done}")
                 yield step
                 bar.update(1)
 
@@ -335,6 +337,7 @@ class RunDir:
                    "metrics_offset": offset, "wall": time.time() - self._t0,
                    "config": self.config, "config_hash": self.config_hash}
         self._store.save(step, payload)
+        self._saved = step
         kill_point("after_checkpoint")
         if stop:
             raise self._interrupted(f"interrupted at step {step}; checkpoint written; "

@@ -10,6 +10,10 @@ SIGXFSZ (a file grew past ``RLIMIT_FSIZE``) is ignored while a run is active, so
 write fails with ``EFBIG`` and the run records ``failed`` and releases its lock, instead of
 the process dying with status ``running``.
 
+While a run is active, an ``OSError`` that kills a background thread (TensorBoard's writer
+thread on a full disk or past the size limit) is reported in one line instead of a traceback;
+the run itself then fails on its next write.
+
 Handlers are installed only from the main thread (Python allows no other).
 """
 
@@ -53,6 +57,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._old_hook: Any = None
 
     @property
     def requested(self) -> bool:
@@ -69,12 +74,24 @@ class StopSignals:
                 self._old[sig] = signal.signal(sig, self._on_signal)
             if hasattr(signal, "SIGXFSZ"):
                 self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            self._old_hook = threading.excepthook
+            threading.excepthook = self._thread_died
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+        if self._old_hook is not None:
+            threading.excepthook = self._old_hook
+            self._old_hook = None
+
+    def _thread_died(self, args: Any) -> None:
+        if isinstance(args.exc_value, OSError):
+            name = args.thread.name if args.thread is not None else "a thread"
+            print(f"warning: {name} stopped: {args.exc_value}", file=sys.stderr)
+        else:
+            (self._old_hook or threading.__excepthook__)(args)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:  # the second one: stop now, without a checkpoint

@@ -10,9 +10,9 @@ minutes holding their run directories' locks. Each worker therefore, from its in
   itself SIGTERM when the parent is gone (the fallback where ``prctl`` is missing).
 
 SIGTERM makes a running trial finish its step, write a checkpoint and stop (status
-``interrupted``, so a rerun of the sweep resumes it); an idle worker just exits. If the
-trial has not stopped :data:`GRACE_S` seconds later, the watchdog kills the worker outright
-(the run's ``flock`` goes with it, so a rerun can take its directory at once).
+``interrupted``, so a rerun of the sweep resumes it); an idle worker just exits. Once the
+trial has stopped, or at the latest :data:`GRACE_S` seconds later, the watchdog kills the
+worker outright (the run's ``flock`` goes with it, so a rerun can take its directory at once).
 """
 
 from __future__ import annotations
@@ -65,5 +65,11 @@ def _watch(parent: int, grace_s: float, poll_s: float) -> None:
         time.sleep(poll_s)
     with contextlib.suppress(OSError):
         os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(grace_s)
+    # A run that took the SIGTERM checkpoints and returns, restoring the default handler;
+    # the worker would then wait on its dead parent's queue, so end it here.
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            break
     os.kill(os.getpid(), signal.SIGKILL)
