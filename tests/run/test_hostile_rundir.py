@@ -153,9 +153,9 @@ def test_symlinked_run_file_is_not_followed(tmp_path: Path, name: str) -> None:
 def test_lowering_max_steps_below_the_checkpoint_is_refused(tmp_path: Path) -> None:
     make_run(tmp_path / "r", steps=12)
     run_dir = RunDir.open(tmp_path / "r")
-    with pytest.raises(ConfigError, match="checkpoint is at step 10, past its last step 6"):
-        with run_dir:
-            train(run_dir, 6)
+    with pytest.raises(ConfigError, match="checkpoint is at step 10, past its last step 6"), \
+            run_dir:
+        train(run_dir, 6)
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
 
 
@@ -180,13 +180,12 @@ def test_checkpoint_without_rng_falls_back_to_previous(tmp_path: Path) -> None:
 
 def test_double_ctrl_c_is_recorded_interrupted(tmp_path: Path) -> None:
     run_dir = RunDir.create(tmp_path / "r", CONFIG, recipe="stand_in")
-    with pytest.raises(StopNow) as info:
-        with run_dir:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-            assert run_dir.stop_requested
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+    with pytest.raises(StopNow) as info, run_dir:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert run_dir.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
     assert info.value.exit_code == 130
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "r" / "lock").exists()
@@ -200,7 +199,7 @@ def test_nan_abort_hint_names_only_other_policies() -> None:
     with pytest.raises(Exception, match="set run.nan_policy to skip") as e:
         on_nonfinite(Sink(), "rollback", step=3, what="hypergradient", rollbacks=5)
     assert "skip/rollback" not in str(e.value)
-    with pytest.raises(Exception, match="to skip/rollback"):
+    with pytest.raises(Exception, match=r"to skip/rollback"):
         on_nonfinite(Sink(), "abort", step=3, what="hypergradient")
 
 
