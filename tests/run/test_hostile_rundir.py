@@ -196,7 +196,7 @@ def test_nan_abort_hint_names_only_other_policies() -> None:
         def event(self, step: int, kind: str, **info: Any) -> None:
             pass
 
-    with pytest.raises(Exception, match="set run.nan_policy to skip") as e:
+    with pytest.raises(Exception, match=r"set run\.nan_policy to skip") as e:
         on_nonfinite(Sink(), "rollback", step=3, what="hypergradient", rollbacks=5)
     assert "skip/rollback" not in str(e.value)
     with pytest.raises(Exception, match=r"to skip/rollback"):
