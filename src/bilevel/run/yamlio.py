@@ -137,7 +137,12 @@ def parse_yaml(text: str, *, where: str = "<string>", prefix: str = "") -> tuple
     Raises:
         ConfigError: on a YAML syntax error or duplicate keys (all of them), naming lines.
     """
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # its reader already refuses control characters
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}:{text[: getattr(exc, 'position', 0)].count(chr(10)) + 1}: "
+                          f"invalid YAML: {getattr(exc, 'reason', exc)} "
+                          f"(character {getattr(exc, 'character', '?')!r})") from None
     try:
         node = loader.get_single_node()
         sources: Sources = {}
