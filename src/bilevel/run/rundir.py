@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -48,7 +47,7 @@ from bilevel.run.faults import kill_point
 from bilevel.run.lock import RunLock
 from bilevel.run.metrics import MetricsWriter, truncate_metrics
 from bilevel.run.progress import progress_bar, progress_enabled
-from bilevel.run.safeio import CLOEXEC, NOFOLLOW, write_atomic
+from bilevel.run.safeio import create_exclusive, write_atomic
 from bilevel.run.schema import RESUMABLE_CHANGES, CheckpointConfig, LoggingConfig
 from bilevel.run.seeding import capture_rng, restore_rng
 from bilevel.run.signals import RunInterrupted, StopSignals
@@ -110,35 +109,13 @@ class RunDir:
                 if any(path.iterdir()):
                     raise _not_empty(path) from None
             run_dir = cls(path, info)
-            run_dir._claim()
+            if not create_exclusive(path / "run.json", json.dumps(info, indent=1).encode()):
+                raise _not_empty(path)  # another process claimed it a moment ago
             run_dir._write_info()
         except OSError as exc:
             raise ConfigError(f"--out {path}: cannot create the run directory "
                               f"({exc.strerror or exc}); choose a writable path") from None
         return run_dir
-
-    def _claim(self) -> None:
-        """Create run.json exclusively (complete from the start: written, then linked)."""
-        target = self.path / "run.json"
-        data = json.dumps(self._info, indent=1).encode()
-        tmp = self.path / f".run.json.claim-{os.getpid()}"
-        try:
-            write_atomic(tmp, data)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise _not_empty(self.path) from None
-            except OSError:  # no hard links on this file system: exclusive create instead
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC
-                try:
-                    fd = os.open(target, flags, 0o644)
-                except FileExistsError:
-                    raise _not_empty(self.path) from None
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:

@@ -8,7 +8,8 @@ run is either
   ``O_EXCL | O_NOFOLLOW``, fsynced, then renamed over the target, which replaces a link
   itself rather than writing through it; or
 * opened with ``O_NOFOLLOW`` (:func:`open_nofollow`), which refuses a link with
-  :class:`RunFileError`.
+  :class:`RunFileError`; or
+* created exclusively (:func:`create_exclusive`), complete from its first moment.
 """
 
 from __future__ import annotations
@@ -85,3 +86,30 @@ def write_atomic(path: Path, data: bytes, *, fault: str | None = None) -> None:
             tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; ``False`` if it did.
+
+    The content is written to a temp file first and hard-linked into place, so that no
+    reader ever sees ``path`` half-written; where hard links are unsupported, an
+    ``O_EXCL`` create is used instead.
+    """
+    tmp = path.with_name(f".{path.name}.claim-{os.getpid()}")
+    try:
+        write_atomic(tmp, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            try:
+                f = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "wb")
+            except FileExistsError:
+                return False
+            with f:
+                f.write(data)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
