@@ -4,8 +4,10 @@ Each module in ``bilevel.commands`` exposes ``register(subparsers)``, which adds
 subcommands and sets ``handler`` (a function ``args -> int``) on each. This file parses,
 dispatches, and maps exceptions to exit codes; it holds no logic of its own.
 
-Exit codes: 0 ok, 2 usage or config error, 3 data missing or failed verification,
-4 no valid checkpoint, 130 interrupted after a clean checkpoint.
+Exit codes: 0 ok, 1 a run failed (or a file could not be read or written: read-only file
+system, no permission, disk full), 2 usage or config error, 3 data missing or failed
+verification, 4 no valid checkpoint, 130 / 143 stopped by SIGINT / SIGTERM after a clean
+checkpoint.
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a second Ctrl-C/SIGTERM carries its own exit code
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
     except Exception as exc:  # map library errors to exit codes; re-raise the rest
         code = getattr(exc, "exit_code", None)
+        if code is None and isinstance(exc, OSError):  # the environment, not a bug: no traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc} (check that the path is writable and "
+                  "the disk has space)", file=sys.stderr)
+            return 1
         if code is None:
             raise
         print(f"error: {exc}", file=sys.stderr)

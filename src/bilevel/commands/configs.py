@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     csub.required = True
     v = csub.add_parser("validate", help="validate config files (exit 2 with every problem)")
     v.add_argument("configs", nargs="+", metavar="FILE")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key before validating (repeatable)")
     v.set_defaults(handler=_validate)
     s = csub.add_parser("show", help="print the resolved config (every default filled in)")
     s.add_argument("configs", nargs="+", metavar="CONFIG")
@@ -36,8 +38,9 @@ def _list(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from bilevel.recipes import resolve
 
-    name, _, _ = resolve(args.configs)
-    print(f"ok: {' + '.join(args.configs)} is a valid {name} config")
+    name, _, _ = resolve(args.configs, args.overrides)
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    print(f"ok: {' + '.join(args.configs)}{sets} is a valid {name} config")
     return 0
 
 

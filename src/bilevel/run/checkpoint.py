@@ -11,6 +11,12 @@ rewritten the same way; only then are checkpoints beyond ``keep_last`` deleted. 
 point leaves the previous manifest and every checkpoint it lists intact. Loading verifies the
 sha256 from the manifest (``torch.load`` does not notice a flipped byte inside a tensor) and
 uses ``torch.load(weights_only=True)``, so a tampered file cannot run code.
+
+A lost or unreadable manifest is rebuilt from the ``step-*.pt`` files (each is loaded with
+``weights_only=True`` and must name its own step) instead of starting the run again. Half-written
+temp files (``.*.tmp-PID``) are removed only by :meth:`CheckpointStore.clean_temps`, which the
+run directory calls once it holds the lock: a process merely opening the directory must not
+delete the half-written checkpoint of the live run that holds it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +34,10 @@ from typing import Any
 import torch
 
 from bilevel.errors import BilevelError, CheckpointError
-from bilevel.run.faults import kill_point
+from bilevel.run.safeio import write_atomic as _write_atomic
 
 MANIFEST = "manifest.json"
+_STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 
 
 class CheckpointWriteError(BilevelError):
@@ -48,29 +56,6 @@ class Entry:
     bytes: int
 
 
-def _write_atomic(path: Path, data: bytes, *, fault: str | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            if fault:
-                f.flush()
-                kill_point(fault)
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class CheckpointStore:
     """The checkpoints of one run directory.
 
@@ -83,23 +68,70 @@ class CheckpointStore:
         self.directory = directory
         self.keep_last = keep_last
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(".*.tmp-*"):  # left by a crash mid-write; never valid
+
+    def clean_temps(self) -> None:
+        """Delete temp files left by a crash mid-write (never valid). Call only while holding
+        the run's lock: a live writer's temp file looks the same."""
+        for stale in self.directory.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)
 
     def entries(self) -> list[Entry]:
         """Manifest rows, oldest first (empty when nothing was ever saved).
 
+        A missing or unreadable manifest is rebuilt from the step files (see
+        :meth:`recover`).
+
         Raises:
-            CheckpointError: if the manifest exists but cannot be read.
+            CheckpointError: if the manifest cannot be read and no step file verifies.
         """
         path = self.directory / MANIFEST
         if not path.exists():
-            return []
+            return self.recover(f"{path} is missing") if self._step_files() else []
         try:
             rows = json.loads(path.read_text())["checkpoints"]
             return [Entry(**row) for row in rows]
         except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: unreadable checkpoint manifest ({exc})") from None
+            problem = f"{path}: unreadable checkpoint manifest ({exc})"
+            if not self._step_files():
+                raise CheckpointError(problem) from None
+            return self.recover(problem)
+
+    def _step_files(self) -> list[tuple[int, Path]]:
+        found = []
+        for p in self.directory.iterdir():
+            m = _STEP_FILE.match(p.name)
+            if m and p.is_file() and not p.is_symlink():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def recover(self, problem: str) -> list[Entry]:
+        """Rebuild the manifest from the step files that load (``weights_only=True``) and
+        whose payload, when it records a step, records the one in its name; report on stderr.
+
+        Raises:
+            CheckpointError: if no step file passes.
+        """
+        entries, rejected = [], []
+        for step, p in self._step_files():
+            data = p.read_bytes()
+            try:
+                payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except Exception as exc:  # refused or malformed: not a checkpoint we wrote
+                rejected.append(f"{p.name}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                continue
+            if not isinstance(payload, dict) or payload.get("step", step) != step:
+                rejected.append(f"{p.name}: does not hold the checkpoint of step {step}")
+                continue
+            entries.append(Entry(p.name, step, hashlib.sha256(data).hexdigest(), len(data)))
+        if not entries:
+            raise CheckpointError(f"{problem}, and no step file could be recovered:\n  "
+                                  + "\n  ".join(rejected))
+        manifest = {"format": 1, "checkpoints": [e.__dict__ for e in entries]}
+        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        print(f"{problem}: rebuilt it from {len(entries)} step file(s) "
+              f"(steps {', '.join(str(e.step) for e in entries)})"
+              + (f"; rejected {'; '.join(rejected)}" if rejected else ""), file=sys.stderr)
+        return entries
 
     def save(self, step: int, payload: dict[str, Any]) -> Path:
         """Write ``payload`` as the checkpoint of ``step`` (replacing one of the same step).
@@ -157,9 +189,13 @@ class CheckpointStore:
                                   f"{str(exc).splitlines()[0]}") from None
 
     def load_latest(
-        self, *, report: Callable[[str], None] = print
+        self, *, report: Callable[[str], None] = print,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[Entry, dict[str, Any]] | None:
         """The newest checkpoint that verifies; ``report`` is told about each one skipped.
+
+        ``check`` may reject a loaded payload (raising :class:`CheckpointError`, e.g. for a
+        missing key); the previous checkpoint is tried then, as for a corrupt file.
 
         Returns:
             ``None`` when no checkpoint was ever written.
@@ -171,7 +207,10 @@ class CheckpointStore:
         problems = []
         for entry in reversed(entries):
             try:
-                return entry, self.load(entry)
+                payload = self.load(entry)
+                if check is not None:
+                    check(payload)
+                return entry, payload
             except CheckpointError as exc:
                 problems.append(str(exc))
                 report(f"skipping checkpoint: {exc}")

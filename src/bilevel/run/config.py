@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -126,7 +127,10 @@ def _describe(err: Mapping[str, Any], model: type[pydantic.BaseModel], sources: 
         return f"{key} ({where}): unknown key{fix}; allowed keys: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{key} ({where}): required key is missing"
-    return f"{key} = {err['input']!r} ({where}): {err['msg']}"
+    shown = repr(err["input"])
+    if len(shown) > 120:  # a long list or a huge string: the key and line say enough
+        shown = shown[:100] + f"... ({len(shown)} characters)"
+    return f"{key} = {shown} ({where}): {err['msg']}"
 
 
 def validate(model: type[M], raw: RawConfig, *, ignore: Iterable[str] = ()) -> M:
@@ -165,11 +169,26 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """``a == b``, except that NaN equals NaN (also inside lists), so that a config holding
+    a NaN still equals itself when a run is resumed or rolled back."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+_ABSENT = object()
+
+
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two configs, as ``key: old -> new``."""
     a, b = flatten(old), flatten(new)
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
         for k in sorted(set(a) | set(b))
-        if a.get(k, object()) != b.get(k, object())
+        if not same_value(a.get(k, _ABSENT), b.get(k, _ABSENT))
     ]

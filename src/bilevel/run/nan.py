@@ -52,9 +52,10 @@ def on_nonfinite(
     sink.event(step, "nonfinite", what=what, policy=policy, action=action)
     if give_up:
         extra = f" after {rollbacks} rollbacks" if policy == "rollback" else ""
+        others = "/".join(p for p in ("skip", "rollback") if p != policy)
         raise NonFiniteError(
             f"non-finite {what} at step {step}{extra} (run.nan_policy={policy}); lower the "
-            "hyper learning rate or set run.nan_policy to skip/rollback",
+            f"hyper learning rate or set run.nan_policy to {others}",
             step=step,
             what=what,
         )

@@ -11,6 +11,12 @@ Layout::
       summary.json     the metrics ``run()`` returned, written when the run finishes
       lock             held while a process works in the directory
 
+Guarantees (see docs/runs.md): :meth:`RunDir.create` claims its directory atomically (of two
+processes creating the same run, one gets a clear error); nothing in the directory is
+modified before the lock is held (a refused ``resume`` leaves the live run alone); files are
+replaced atomically or opened with ``O_NOFOLLOW`` (:mod:`bilevel.run.safeio`); SIGINT and
+SIGTERM checkpoint and stop (:mod:`bilevel.run.signals`).
+
 A recipe uses it like this (every step is checkpointed when due or when Ctrl-C was pressed)::
 
     start = 0
@@ -24,33 +30,31 @@ A recipe uses it like this (every step is checkpointed when due or when Ctrl-C w
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
-from bilevel.errors import BilevelError, CheckpointError, ConfigError
+from bilevel.errors import CheckpointError, ConfigError
 from bilevel.run.checkpoint import CheckpointStore
 from bilevel.run.config import changed_keys, config_hash
 from bilevel.run.faults import kill_point
 from bilevel.run.lock import RunLock
 from bilevel.run.metrics import MetricsWriter, truncate_metrics
 from bilevel.run.progress import progress_bar, progress_enabled
+from bilevel.run.safeio import create_exclusive, write_atomic
 from bilevel.run.schema import RESUMABLE_CHANGES, CheckpointConfig, LoggingConfig
 from bilevel.run.seeding import capture_rng, restore_rng
+from bilevel.run.signals import RunInterrupted, StopSignals
 from bilevel.run.yamlio import dump_yaml
 
-
-class RunInterrupted(BilevelError):
-    """Ctrl-C (SIGINT): the run stopped after writing a clean checkpoint."""
-
-    exit_code = 130
+__all__ = ["Checkpoint", "RunDir", "RunInterrupted"]
+PAYLOAD_KEYS = ("state", "rng", "metrics_offset", "wall", "config")  # of a checkpoint
 
 
 @dataclass(frozen=True)
@@ -75,32 +79,48 @@ class RunDir:
         self._store = CheckpointStore(path / "checkpoints", keep_last=self.checkpointing.keep_last)
         self._metrics: MetricsWriter | None = None
         self._lock = RunLock(path / "lock")
-        self._stop = False
-        self._old_handler: Any = None
+        self._signals = StopSignals()
+        self._saved: int | None = None  # the step of the last checkpoint written
         self._t0 = time.time()
 
     @classmethod
     def create(cls, path: str | Path, config: Mapping[str, Any], *, recipe: str) -> RunDir:
         """Make a new run directory holding the resolved ``config`` of ``recipe``.
 
+        The directory is claimed atomically (``mkdir``, then ``run.json`` linked into place,
+        which fails if it exists): of two processes creating the same run, one gets the error.
+
         Raises:
-            ConfigError: if ``path`` exists and is not empty.
+            ConfigError: if ``path`` exists and is not an empty directory, or cannot be
+                created (read-only file system, a regular file in the way, no permission).
         """
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(f"--out {path}: directory exists and is not empty; choose "
-                              f"another, or continue it with `bilevel resume {path}`")
-        path.mkdir(parents=True, exist_ok=True)
         resolved = {"recipe": recipe, **config}
         info = {"recipe": recipe, "config": resolved, "config_hash": config_hash(resolved),
                 "status": "created", "created": time.time()}
-        run_dir = cls(path, info)
-        run_dir._write_info()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if path.is_symlink() or not path.is_dir():
+                    raise ConfigError(f"--out {path}: exists and is not a directory; choose "
+                                      "another path") from None
+                if any(path.iterdir()):
+                    raise _not_empty(path) from None
+            run_dir = cls(path, info)
+            if not create_exclusive(path / "run.json", json.dumps(info, indent=1).encode()):
+                raise _not_empty(path)  # another process claimed it a moment ago
+            run_dir._write_info()
+        except OSError as exc:
+            raise ConfigError(f"--out {path}: cannot create the run directory "
+                              f"({exc.strerror or exc}); choose a writable path") from None
         return run_dir
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        """Open an existing run directory (for ``resume`` or ``report``).
+        """Open an existing run directory (for ``resume`` or ``report``). Nothing in it is
+        changed until ``with run_dir:`` holds the lock.
 
         Raises:
             ConfigError: if ``path`` is not a run directory.
@@ -108,15 +128,15 @@ class RunDir:
         path = Path(path)
         try:
             info = json.loads((path / "run.json").read_text())
-        except (OSError, ValueError) as exc:
+            if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+                raise ValueError("not a mapping with a config")
+            return cls(path, info)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is not a bilevel run directory (run.json: {exc})") from None
-        return cls(path, info)
 
     def _write_info(self) -> None:
-        (self.path / "config.yaml").write_text(dump_yaml(self.config))
-        tmp = self.path / ".run.json.tmp"
-        tmp.write_text(json.dumps(self._info, indent=1))
-        tmp.replace(self.path / "run.json")
+        write_atomic(self.path / "config.yaml", dump_yaml(self.config).encode())
+        write_atomic(self.path / "run.json", json.dumps(self._info, indent=1).encode())
 
     def update_config(self, config: Mapping[str, Any], *, allow_change: bool = False) -> None:
         """Accept a (possibly edited) config for resuming; only harmless keys may change.
@@ -140,35 +160,35 @@ class RunDir:
         self.logging = LoggingConfig(**new.get("logging", {}))
         self.checkpointing = CheckpointConfig(**new.get("checkpoint", {}))
         self._store.keep_last = self.checkpointing.keep_last
-        self._write_info()
+        # Written by __enter__, once the lock is held (this process may yet be refused).
 
     # -- lifetime -------------------------------------------------------------------------
 
     def __enter__(self) -> RunDir:
         self._lock.acquire()
-        self.set_status("running")
-        if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self._store.clean_temps()  # only now: a live writer's temp files look the same
+            self._signals.__enter__()
+            self.set_status("running")
+        except BaseException:
+            self._signals.__exit__()
+            self._lock.release()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-            self._old_handler = None
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if exc_type is not None:
-            self.set_status("interrupted" if exc_type is RunInterrupted else "failed")
-        self._lock.release()
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop:  # second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self._stop = True
-        print("\ninterrupt: finishing this step and writing a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr)
+        try:
+            self._signals.__exit__()
+            if self._metrics is not None:
+                with contextlib.suppress(OSError):  # e.g. EFBIG: the status still gets written
+                    self._metrics.close()
+                self._metrics = None
+            if exc_type is not None:
+                stopped = issubclass(exc_type, (RunInterrupted, KeyboardInterrupt))
+                self.set_status("interrupted" if stopped else "failed")
+        finally:
+            self._lock.release()
 
     def set_status(self, status: str) -> None:
         """Record ``created`` / ``running`` / ``interrupted`` / ``failed`` / ``finished``."""
@@ -177,12 +197,15 @@ class RunDir:
 
     @property
     def stop_requested(self) -> bool:
-        """True once Ctrl-C was pressed; the next :meth:`checkpoint` saves and stops."""
-        return self._stop
+        """True once Ctrl-C or SIGTERM arrived; the next :meth:`checkpoint` saves and stops."""
+        return self._signals.requested
 
     def request_stop(self) -> None:
         """Ask the run to stop after its next checkpoint (what Ctrl-C does)."""
-        self._stop = True
+        self._signals.request()
+
+    def _interrupted(self, message: str) -> RunInterrupted:
+        return RunInterrupted(message, signum=self._signals.signum or 2)
 
     # -- recipe API -----------------------------------------------------------------------
 
@@ -212,40 +235,56 @@ class RunDir:
             skipped.append(msg)
             print(msg, file=sys.stderr)
 
-        found = self._store.load_latest(report=report)
+        found = self._store.load_latest(report=report, check=self._check_payload)
         if found is None:
             truncate_metrics(self.path / "metrics.jsonl", 0)
             return None
         entry, payload = found
-        if payload.get("format") != 1 or "state" not in payload:
-            raise CheckpointError(f"{self._store.directory / entry.file}: not a bilevel checkpoint")
         changes = changed_keys(payload["config"], self.config)
         bad = [c for c in changes if not c.startswith(RESUMABLE_CHANGES)]
         if bad:
             raise ConfigError("config differs from the checkpoint's:\n  " + "\n  ".join(bad))
         restore_rng(payload["rng"])
-        truncate_metrics(self.path / "metrics.jsonl", payload["metrics_offset"])
+        lost = truncate_metrics(self.path / "metrics.jsonl", payload["metrics_offset"])
+        if lost is not None:
+            report(lost)
         self._t0 = time.time() - payload["wall"]
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
         writer = self._writer(purge_step=entry.step + 1)
         for msg in skipped:
-            writer.write(entry.step, {"event": "checkpoint_skipped", "detail": msg})
+            kind = "metrics_lost" if msg is lost else "checkpoint_skipped"
+            writer.write(entry.step, {"event": kind, "detail": msg})
         return Checkpoint(step=entry.step, state=payload["state"])
+
+    def _check_payload(self, payload: dict[str, Any]) -> None:
+        """Reject (so that the previous checkpoint is tried) a payload lacking a key."""
+        missing = [k for k in PAYLOAD_KEYS if k not in payload]
+        if payload.get("format") != 1 or missing:
+            raise CheckpointError("not a complete bilevel checkpoint (format "
+                                  f"{payload.get('format')!r}, missing: {', '.join(missing)})")
 
     def steps(self, start: int, stop: int, *, desc: str | None = None) -> Iterator[int]:
         """Yield the step numbers ``start + 1 .. stop``, with a progress bar on a terminal.
 
         Raises:
             RunInterrupted: if Ctrl-C arrived and the recipe did not checkpoint that step.
+            ConfigError: if ``start`` is past ``stop`` (``run.max_steps`` lowered below the
+                checkpoint on resume): the run would otherwise report finished past its end.
         """
+        if start > stop:
+            raise ConfigError(f"the run's checkpoint is at step {start}, past its last step "
+                              f"{stop} (run.max_steps lowered?); resume with a run.max_steps "
+                              "that reaches the checkpoint (--set ... --allow-config-change)")
         enabled = progress_enabled(self.logging.progress)
         with progress_bar(total=stop, initial=start, desc=desc or self.recipe,
                           enabled=enabled) as bar:
             for step in range(start + 1, stop + 1):
-                if self._stop:
-                    raise RunInterrupted(f"interrupted at step {step - 1} without a checkpoint")
+                if self._signals.requested:
+                    done = ("checkpoint written; continue with: bilevel resume "
+                            f"{self.path}" if self._saved == step - 1 else "without a checkpoint")
+                    raise self._interrupted(f"interrupted at step {step - 1}; {done}")
                 yield step
                 bar.update(1)
 
@@ -266,7 +305,8 @@ class RunDir:
             RunInterrupted: after saving, when Ctrl-C was pressed (exit code 130).
             CheckpointWriteError: the disk is full; the previous checkpoint is intact.
         """
-        due = force or self._stop or step % self.checkpointing.every == 0
+        stop = self._signals.requested
+        due = force or stop or step % self.checkpointing.every == 0
         if not due:
             return False
         offset = self._writer().sync()
@@ -274,15 +314,21 @@ class RunDir:
                    "metrics_offset": offset, "wall": time.time() - self._t0,
                    "config": self.config, "config_hash": self.config_hash}
         self._store.save(step, payload)
+        self._saved = step
         kill_point("after_checkpoint")
-        if self._stop:
-            raise RunInterrupted(f"interrupted at step {step}; checkpoint written; "
-                                 f"continue with: bilevel resume {self.path}")
+        if stop:
+            raise self._interrupted(f"interrupted at step {step}; checkpoint written; "
+                                    f"continue with: bilevel resume {self.path}")
         return True
 
     def finish(self, summary: Mapping[str, float]) -> None:
         """Write summary.json and mark the run finished."""
         if self._metrics is not None:
             self._metrics.sync()
-        (self.path / "summary.json").write_text(json.dumps(dict(summary), indent=1))
+        write_atomic(self.path / "summary.json", json.dumps(dict(summary), indent=1).encode())
         self.set_status("finished")
+
+
+def _not_empty(path: Path) -> ConfigError:
+    return ConfigError(f"--out {path}: directory exists and is not empty; choose another, or "
+                       f"continue it with `bilevel resume {path}`")

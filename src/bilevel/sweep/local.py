@@ -20,17 +20,17 @@ and running it again continues.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from bilevel.errors import SweepStoppedError, shared_cause_code
 from bilevel.sweep.plan import Trial
+from bilevel.sweep.workers import worker_pool
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ def run_local(trials: Sequence[Trial], *, parallel: int = 1,
             if on_result:
                 on_result(r)
         return results
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=ctx) as pool:
+    with worker_pool(parallel) as pool:  # workers die with this process (sweep/workers.py)
         futures = [pool.submit(run_trial, t) for t in todo]
         for f in as_completed(futures):
             r = f.result()  # BrokenProcessPool propagates: a worker died

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 from bilevel.errors import ConfigError, SweepStoppedError
 from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute
 from bilevel.sweep.schedulers import AbstractScheduler, Job
+from bilevel.sweep.workers import worker_pool
 
 
 class Ledger:
@@ -106,8 +106,7 @@ def run_scheduler(scheduler: AbstractScheduler, *, root: str | Path, configs: Se
     ledger = Ledger(root / "ledger.jsonl")
     paths: dict[int, Path] = {}
     inflight: deque[tuple[Job, Future[JobResult]]] = deque()
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=max(1, parallel), mp_context=ctx) if parallel > 1 else None
+    pool = worker_pool(parallel) if parallel > 1 else None  # workers die with this process
     try:
         while True:
             while len(inflight) < max(1, parallel) and (job := scheduler.suggest()) is not None:
