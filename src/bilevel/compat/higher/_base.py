@@ -174,7 +174,9 @@ class DifferentiableOptimizer(abc.ABC):  # noqa: B024 (subclasses override _rule
             for pi, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
                 if g is None:
                     continue
-                group["params"][pi] = self._rule(p, -g if maximize else g, self.state[gi][pi], group)
+                group["params"][pi] = self._rule(
+                    p, -g if maximize else g, self.state[gi][pi], group
+                )
 
     def _rule(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         raise NotImplementedError(

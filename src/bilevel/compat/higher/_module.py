@@ -163,7 +163,9 @@ class FunctionalModule(nn.Module):
         new = list(latest)
         known = {self._prefix + n for n in self._target().state_dict(keep_vars=True)}
         unexpected = [k for k in state_dict if self._prefix + k not in known]
-        missing = [k[len(self._prefix) :] for k in known if k[len(self._prefix) :] not in state_dict]
+        missing = [
+            k[len(self._prefix) :] for k in known if k[len(self._prefix) :] not in state_dict
+        ]
         if strict and (missing or unexpected):
             raise RuntimeError(
                 f"load_state_dict: missing keys {sorted(missing)}, unexpected keys "

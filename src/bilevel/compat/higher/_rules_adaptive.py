@@ -40,7 +40,9 @@ class DifferentiableAdagrad(DifferentiableOptimizer):
     def _rule(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         if not state:  # torch.optim.Adagrad creates this state in its constructor
             init = group["initial_accumulator_value"]
-            total = init * torch.ones_like(p) if isinstance(init, Tensor) else torch.full_like(p, init)
+            total = (
+                init * torch.ones_like(p) if isinstance(init, Tensor) else torch.full_like(p, init)
+            )
             state.update(step=0, sum=total)
         state["step"] += 1
         g = _decayed(g, p, group)

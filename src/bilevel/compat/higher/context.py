@@ -55,7 +55,10 @@ def innerloop_ctx(
             detached with memory that does not grow with the number of steps.
     """
     fmodel = monkeypatch(
-        model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+        model,
+        device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
     )
     diffopt = get_diff_optim(
         opt,

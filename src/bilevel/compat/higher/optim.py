@@ -153,7 +153,9 @@ def register_optim(
     optim_type: type[torch.optim.Optimizer], diff_optim_type: type[DifferentiableOptimizer]
 ) -> None:
     """Use ``diff_optim_type`` as the differentiable twin of ``optim_type``."""
-    if not (isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)):
+    if not (
+        isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)
+    ):
         raise TypeError(
             f"diff_optim_type must be a DifferentiableOptimizer subclass, got {diff_optim_type!r}."
         )
@@ -178,9 +180,7 @@ def get_trainable_opt_params(
     for group in opt.param_groups:
         for key, value in group.items():
             leaves = flatten(value)
-            numeric = all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves
-            )
+            numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves)
             if key != "params" and leaves and numeric:
                 override[key].append(_recursive_map(value, learnable))
     return override
@@ -207,7 +207,9 @@ def _recursive_apply(replacement: Any, target: Any) -> Any:
     if isinstance(replacement, Tensor) and not _is_container(target):
         return type(target)(replacement.item())
     if isinstance(target, (list, tuple)) and isinstance(replacement, (list, tuple)):
-        return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target, strict=True))
+        return type(target)(
+            _recursive_apply(r, t) for r, t in zip(replacement, target, strict=True)
+        )
     if isinstance(target, dict) and isinstance(replacement, dict):
         return type(target)({k: _recursive_apply(replacement[k], t) for k, t in target.items()})
     raise ValueError(

@@ -42,9 +42,7 @@ def _check_module(module: nn.Module) -> None:
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}.")
 
 
-def make_functional(
-    module: nn.Module, encapsulator: EncapsulatorType = None
-) -> FunctionalModule:
+def make_functional(module: nn.Module, encapsulator: EncapsulatorType = None) -> FunctionalModule:
     """A stateless version of ``module`` without fast weights of its own.
 
     Call it as ``fmodel(x, params=[...])`` with one tensor per ``module.parameters()``
@@ -89,7 +87,9 @@ def monkeypatch(
     if copy_initial_weights:
         params = get_func_params(module, device=device)
     else:
-        params = [p.clone() if device is None else p.clone().to(device) for p in module.parameters()]
+        params = [
+            p.clone() if device is None else p.clone().to(device) for p in module.parameters()
+        ]
     state = FastState(module, params, track_higher_grads=track_higher_grads, device=device)
     return FunctionalModule(state)
 

@@ -56,9 +56,7 @@ def _find_param_in_list(param: Tensor, tensors: Iterable[Tensor]) -> int | None:
     return None
 
 
-def _get_param_mapping(
-    module: nn.Module, seen: list[Tensor], mapping: list[int]
-) -> list[int]:
+def _get_param_mapping(module: nn.Module, seen: list[Tensor], mapping: list[int]) -> list[int]:
     """For every parameter slot of ``module`` (tied slots repeated), its unique index.
 
     The unique order is ``module.parameters()``'s; ``seen`` collects the unique tensors.
