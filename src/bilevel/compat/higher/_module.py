@@ -221,5 +221,22 @@ class FunctionalModule(nn.Module):
                 return
         super().__setattr__(name, value)
 
+    def __getitem__(self, idx: int | str) -> FunctionalModule:
+        """A view of a child of a container (``fmodel.features[0]``)."""
+        target = self._target()
+        if isinstance(target, (nn.Sequential, nn.ModuleList)) and isinstance(idx, int):
+            key = list(target._modules)[idx]
+        elif isinstance(target, nn.ModuleDict) and isinstance(idx, str):
+            key = idx
+        else:
+            raise TypeError(
+                f"{type(target).__name__} views support fmodel[int] (Sequential, ModuleList) "
+                f"or fmodel[str] (ModuleDict), got {type(idx).__name__}."
+            )
+        return FunctionalModule(self._state, self._prefix + key)
+
+    def __len__(self) -> int:
+        return len(self._target())
+
     def __repr__(self) -> str:
         return f"FunctionalModule({self._target()!r})"
