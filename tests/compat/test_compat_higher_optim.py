@@ -15,7 +15,6 @@ from torch import nn, optim
 
 import bilevel.compat.higher as higher
 
-
 CASES = [
     (optim.SGD, {"lr": 0.1}),
     (optim.SGD, {"lr": 0.1, "momentum": 0.9}),
