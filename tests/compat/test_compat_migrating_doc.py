@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 DOC = Path(__file__).resolve().parents[2] / "docs" / "migrating.md"
 FOREIGN = re.compile(r"^\s*(import|from)\s+(higher|torchopt|auxilearn)\b", re.MULTILINE)
 
