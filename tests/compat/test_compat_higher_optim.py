@@ -212,6 +212,47 @@ def test_register_optim_and_create_diff_optim():
         higher.optim._opt_mapping.pop(Halving)
 
 
+def test_grad_callback_scales_gradients_before_the_update():
+    # for plain SGD, gradients x0.5 are the same as lr x0.5 (exactly); a callback given to
+    # step() replaces the one given to the constructor
+    data = _batches(3)
+
+    def run(lr, callback=None, step_callback=None):
+        model = _model()
+        fmodel = higher.monkeypatch(model)
+        diffopt = higher.optim.get_diff_optim(optim.SGD(model.parameters(), lr=lr),
+                                              model.parameters(), fmodel, grad_callback=callback)
+        for x, y in data:
+            diffopt.step(_loss(fmodel(x), y), grad_callback=step_callback)
+        return list(fmodel.parameters())
+
+    half = run(0.1, callback=lambda gs: [g * 0.5 for g in gs])
+    for a, b in zip(half, run(0.05), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    replaced = run(0.1, callback=lambda gs: [g * 0.5 for g in gs], step_callback=lambda gs: gs)
+    for a, b in zip(replaced, run(0.1), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_subclass_written_against_highers_update_protocol_works():
+    class DifferentiableSignSGD(higher.optim.DifferentiableOptimizer):
+        def _update(self, grouped_grads, **kwargs):
+            for group, grads in zip(self.param_groups, grouped_grads, strict=True):
+                for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
+                    if g is not None:
+                        group["params"][i] = p - group["lr"] * torch.tanh(g)
+
+    model = _model()
+    x, y = _batches(1)[0]
+    fmodel = higher.monkeypatch(model)
+    diffopt = DifferentiableSignSGD(optim.SGD(model.parameters(), lr=0.1), model.parameters(), fmodel)
+    loss = _loss(fmodel(x), y)
+    grads = torch.autograd.grad(loss, list(fmodel.parameters()), retain_graph=True)
+    diffopt.step(loss)
+    for p, g, q in zip(model.parameters(), grads, fmodel.parameters(), strict=True):
+        torch.testing.assert_close(q, p - 0.1 * torch.tanh(g))
+
+
 def test_create_diff_optim_with_explicit_params_and_no_model():
     w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
     diffopt = higher.create_diff_optim(optim.SGD, {"lr": 0.5, "momentum": 0.5}, params=[w])
