@@ -254,6 +254,21 @@ def test_rnn_and_submodule_views():
     assert view.weight is list(fmodel.parameters())[-2]
 
 
+def test_module_tree_views_switch_modes_locally():
+    model = _bn_net()
+    fmodel = higher.monkeypatch(model)
+    assert [n for n, _ in fmodel.named_modules()] == ["", "0", "1", "2", "3"]
+    assert [n for n, _ in fmodel.named_children()] == ["0", "1", "2", "3"]
+    for m in fmodel.modules():
+        if isinstance(m._target(), nn.BatchNorm1d):
+            m.eval()  # freeze BatchNorm in the patched copy only
+    x, _ = _data(1)[0]
+    before = fmodel[1].running_mean.clone()
+    fmodel(x)
+    assert torch.equal(fmodel[1].running_mean, before)  # eval mode: statistics read, not updated
+    assert model[1].training and fmodel.training and not fmodel[1].training
+
+
 def test_errors_name_the_fix():
     model = _bn_net()
     fmodel = higher.monkeypatch(model)

@@ -128,6 +128,39 @@ class FunctionalModule(nn.Module):
         object.__setattr__(self, "training", mode)
         return self
 
+    def named_children(self) -> Iterator[tuple[str, FunctionalModule]]:
+        """Views of the direct submodules (they share these fast weights)."""
+        children = self._target()._modules.items()
+        return iter(
+            [
+                (n, FunctionalModule(self._state, self._prefix + n))
+                for n, m in children
+                if m is not None
+            ]
+        )
+
+    def children(self) -> Iterator[FunctionalModule]:
+        return iter([m for _, m in self.named_children()])
+
+    def named_modules(
+        self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, FunctionalModule]]:
+        """This view and views of every submodule below it (patched views, not the modules:
+        ``isinstance(view, nn.BatchNorm2d)`` is false; use ``view._target()`` for the module).
+        """
+        out, seen = [], set()
+        for path, m in self._target().named_modules(remove_duplicate=False):
+            if remove_duplicate and id(m) in seen:
+                continue
+            seen.add(id(m))
+            full = self._prefix + path if path else self._path
+            name = ".".join(x for x in (prefix, path) if x)
+            out.append((name, self if not path else FunctionalModule(self._state, full)))
+        return iter(out)
+
+    def modules(self) -> Iterator[FunctionalModule]:
+        return iter([m for _, m in self.named_modules()])
+
     def _target(self) -> nn.Module:
         m = self._state.module
         return m.get_submodule(self._path) if self._path else m
