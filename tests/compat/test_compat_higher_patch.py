@@ -260,7 +260,7 @@ def test_module_tree_views_switch_modes_locally():
     assert [n for n, _ in fmodel.named_modules()] == ["", "0", "1", "2", "3"]
     assert [n for n, _ in fmodel.named_children()] == ["0", "1", "2", "3"]
     for m in fmodel.modules():
-        if isinstance(m._target(), nn.BatchNorm1d):
+        if isinstance(m.wrapped_module(), nn.BatchNorm1d):
             m.eval()  # freeze BatchNorm in the patched copy only
     x, _ = _data(1)[0]
     before = fmodel[1].running_mean.clone()

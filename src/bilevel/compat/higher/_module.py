@@ -146,7 +146,7 @@ class FunctionalModule(nn.Module):
         self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[tuple[str, FunctionalModule]]:
         """This view and views of every submodule below it (patched views, not the modules:
-        ``isinstance(view, nn.BatchNorm2d)`` is false; use ``view._target()`` for the module).
+        ``isinstance(view, nn.BatchNorm2d)`` is false; test ``view.wrapped_module()`` instead).
         """
         out, seen = [], set()
         for path, m in self._target().named_modules(remove_duplicate=False):
@@ -160,6 +160,10 @@ class FunctionalModule(nn.Module):
 
     def modules(self) -> Iterator[FunctionalModule]:
         return iter([m for _, m in self.named_modules()])
+
+    def wrapped_module(self) -> nn.Module:
+        """The (unchanged) module this view runs, e.g. for ``isinstance`` checks."""
+        return self._target()
 
     def _target(self) -> nn.Module:
         m = self._state.module
