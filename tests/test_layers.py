@@ -14,6 +14,7 @@ RANK = {
     "tree": 1, "functional": 1,
     "optim": 2, "run": 2, "parallel": 2,
     "hypergrad": 3, "meta": 3, "report": 3,
+    "compat": 3.5,  # drop-ins (compat.higher) over hypergrad/optim/functional; recipes may use them
     "recipes": 4,
     "sweep": 5,
     "commands": 6,
