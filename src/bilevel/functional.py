@@ -13,10 +13,16 @@ Policy (what every recipe and hypergradient method relies on):
 
 This works inside ``torch.func.grad``/``jvp``/``vmap`` because the clones are made inside
 the transformed function.
+
+A submodule reached under two names (``m.a = m.b = lin``) is given to ``functional_call`` under
+one name per (module, attribute) slot: torch 2.13 restores a slot it was given twice in the
+wrong order and leaves the module holding the injected tensors. Weights tied across different
+modules (an embedding and a decoder sharing one ``Parameter``) are given under every slot.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -34,6 +40,38 @@ def module_state(model: nn.Module) -> tuple[Params, Buffers]:
     return params, buffers
 
 
+# model -> None (no submodule reached twice), else {name: the other slots holding its tensor}
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[str]] | None] = weakref.WeakKeyDictionary()
+
+
+def _shared_slots(model: nn.Module) -> dict[str, list[str]] | None:
+    """For a model with a submodule reached under two names: each tensor's first name ->
+    the names of the other (module, attribute) slots holding that tensor. ``None`` when no
+    submodule is shared (the common case: ``functional_call``'s own tie handling is right)."""
+    if model in _SLOTS:
+        return _SLOTS[model]
+    seen: set[tuple[int, str]] = set()
+    first: dict[int, str] = {}
+    others: dict[str, list[str]] = {}
+    shared = False
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is None:
+                continue
+            if (id(mod), attr) in seen:
+                shared = True
+                continue
+            seen.add((id(mod), attr))
+            name = f"{prefix}.{attr}" if prefix else attr
+            if id(t) in first:
+                others.setdefault(first[id(t)], []).append(name)
+            else:
+                first[id(t)] = name
+                others.setdefault(name, [])
+    _SLOTS[model] = others if shared else None
+    return _SLOTS[model]
+
+
 def call(
     model: nn.Module, params: Params, buffers: Buffers, *args: Any, **kwargs: Any
 ) -> tuple[Any, Buffers]:
@@ -44,7 +82,17 @@ def call(
     # detach: running statistics carry no gradient, even when the state they travel in
     # was prepared with requires_grad by a hypergradient method.
     new_buffers = {k: v.detach().clone() for k, v in buffers.items()}
-    out = functional_call(model, (params, new_buffers), args, kwargs, strict=True)
+    slots = _shared_slots(model)
+    if slots is None:
+        out = functional_call(model, (params, new_buffers), args, kwargs, strict=True)
+        return out, new_buffers
+    given = {**params, **new_buffers}
+    if set(given) != set(slots):
+        missing, extra = sorted(set(slots) - set(given)), sorted(set(given) - set(slots))
+        raise ValueError(f"functional call of {type(model).__name__}: missing tensors {missing}, "
+                         f"unexpected {extra}; pass the names of module_state(model)")
+    tensors = {alias: t for name, t in given.items() for alias in (name, *slots[name])}
+    out = functional_call(model, tensors, args, kwargs, tie_weights=False, strict=False)
     return out, new_buffers
 
 

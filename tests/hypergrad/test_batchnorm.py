@@ -73,3 +73,4 @@ def test_checkpointed_and_forward_agree_with_batchnorm(problem):
     for other in (ck, fw):
         assert abs(float(other.hypergrad["log_wd"] - plain.hypergrad["log_wd"])) <= 1e-12
         torch.testing.assert_close(other.state["buffers"], plain.state["buffers"], rtol=0, atol=1e-12)
+
