@@ -146,3 +146,27 @@ def test_a_cause_every_trial_shares_stops_the_sweep_with_its_exit_code(
     fetch_dataset("uci_energy", empty, from_dir=shared_data_dir() / "uci")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=300)
     assert r.returncode == 0 and "4 runs: 0 failed" in r.stdout, r
+
+
+def test_sensitivity_report_over_T_and_i(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two cells and their Random rows, paired by initialisation: the table and heat-map."""
+    from bilevel.data import fetch_dataset
+
+    fetch_dataset("uci_energy", tmp_path / "data", from_dir=shared_data_dir() / "uci")
+    common = ["--inits", "2", "--seed", "0", "--set", f"data.data_dir={tmp_path / 'data'}",
+              "--set", "logging.progress=false"]
+    for T in (1, 2):
+        steps = f"run.max_steps={4 * T}"
+        assert main(["sweep", "onepass/uci_energy.yaml", "-a", "onepass/random.yaml", *common,
+                     "--out", str(tmp_path / f"random-T{T}"), "--set", steps,
+                     "--set", f"algorithm.weight_steps={T}"]) == 0
+        assert main(["sweep", "onepass/uci_energy.yaml", "-a", "onepass/ours_wd_lr_m.yaml", *common,
+                     "--out", str(tmp_path / f"ours-T{T}-i3"), "--set", steps,
+                     "--set", f"algorithm.weight_steps={T}", "--set", "algorithm.terms=3"]) == 0
+    assert main(["sensitivity-report", str(tmp_path)]) == 0
+    text = (tmp_path / "sensitivity.md").read_text()
+    assert "| T = 1 |" in text and "| T = 2 |" in text and "i = 3" in text
+    assert text.count("/2)") == 2  # both cells paired with Random on both initialisations
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["sensitivity-report", str(tmp_path / "random-T1")]) == 2  # no cells: exit 2

@@ -61,6 +61,17 @@ def register(sub: Any) -> None:
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(handler=_report)
 
+    g = sub.add_parser("sensitivity-report", help="Clarke et al.'s sensitivity heat-map over "
+                       "the update interval T and Neumann terms i",
+                       description="Read ROOT/ours-T<T>-i<i> and ROOT/random-T<T> (sweeps made "
+                       "with the same --seed) and write sensitivity.md and sensitivity.png: "
+                       "median final loss per cell and its paired wins over Random.")
+    g.add_argument("root", metavar="ROOT")
+    g.add_argument("--metric", default="test/loss_unnormalised")
+    g.add_argument("--out", metavar="DIR", help="default: ROOT")
+    g.add_argument("--no-plots", action="store_true")
+    g.set_defaults(handler=_sensitivity)
+
 
 def _scheduled(args: argparse.Namespace, space: Any) -> int:
     from bilevel.sweep.scheduled import scheduled_sweep
@@ -114,6 +125,14 @@ def _sweep(args: argparse.Namespace) -> int:
     failed = sum(r.outcome == "failed" for r in results)
     print(f"{len(results)} runs: {failed} failed; table: bilevel sweep-report {args.out}")
     return 1 if failed else 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from bilevel.report.onepass_sensitivity import write
+
+    for path in write(args.root, metric=args.metric, out=args.out, plots=not args.no_plots):
+        print(path)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
