@@ -114,7 +114,7 @@ def ours(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[Any,
                       commit=True)
 
     r = hypergrad.one_pass(step, _val_loss(inner), inner.w, inner.hp.raw_tree(), terms=terms,
-                           t=inner.t, has_aux=True, on_divergence="identity", check_finite=False)
+                           start=inner.t, has_aux=True, on_divergence="identity", check_finite=False)
     inner.w, inner.buf, inner.t = r.state, r.aux, inner.t + 1
     return r.hypergrad, r.outer_loss
 
@@ -129,7 +129,7 @@ def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[
         return update(inner, w, zero, hv, batch, create_graph=True, commit=False)[0]
 
     r = hypergrad.implicit(phi, _val_loss(inner), inner.w, inner.hp.raw_tree(),
-                           solver="neumann", iters=terms - 1, alpha=1.0, t=inner.t,
+                           solver="neumann", terms=terms, alpha=1.0, start=inner.t,
                            on_divergence="identity", check_finite=False)
     return r.hypergrad, r.outer_loss
 
@@ -149,7 +149,7 @@ def baydin(inner: Inner, *, weight_steps: int, **_: Any) -> tuple[Any, Tensor]:
         return inner.task.loss(s["w"], batch)[0]
 
     r = hypergrad.greedy(step, train_loss, {"w": inner.w, "buf": inner.buf}, {"lr": lr},
-                         t=inner.t, check_finite=False)
+                         start=inner.t, check_finite=False)
     inner.w, inner.buf, inner.t = r.state["w"], r.state["buf"], inner.t + 1
     return r.hypergrad, r.outer_loss
 

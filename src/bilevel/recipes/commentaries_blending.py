@@ -8,7 +8,7 @@ along the implicit hypergradient of the clean validation loss at the current wei
     Φ(w) = w − α ∇_w L_T(w, M)        (on a fresh blended train batch; α = inner lr)
     dL_V/dM = −(∂²L_T/∂M∂w) · α Σ_{j=0..K} (I − αH)^j ∇_w L_V      (Lorraine et al., K = 1)
 
-computed by :func:`bilevel.hypergrad.implicit` (solver ``neumann`` with ``iters=K`` and the
+computed by :func:`bilevel.hypergrad.implicit` (solver ``neumann`` with ``terms=K+1`` and the
 engine's own ``alpha=1``: the α lives in Φ). A series that grows falls back to K = 0 and
 is logged (``hyper/fallback``). ``blending.warmup_epochs`` delays hyper-steps (the seed's
 ``--warmup_epochs``: hyper-steps happen when ``epoch > warmup_epochs``).
@@ -147,7 +147,8 @@ def hyper_step(net: nn.Module, m: torch.Tensor, train: tuple, val: tuple, perm: 
     net.train()
     return hypergrad.implicit(make_step(net, buffers, *train, perm, alpha=alpha),
                               make_val_loss(net, buffers, *val), w, {"M": m}, solver=cfg.solver,
-                              iters=cfg.iters, alpha=1.0, on_divergence="identity", check_finite=False)
+                              alpha=1.0, on_divergence="identity", check_finite=False,
+                              **({"terms": cfg.iters + 1} if cfg.solver == "neumann" else {"iters": cfg.iters}))
 
 
 @torch.no_grad()

@@ -172,7 +172,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 hp = {"log_lr": log_lr.detach()}
                 if i < config.hypergrad.steps - 1:
                     params = {k: v.detach() for k, v in sgd_step(params, hp, step).items()}
-            r = hypergrad.greedy(sgd_step, val_loss, params, {"log_lr": log_lr}, t=step,
+            r = hypergrad.greedy(sgd_step, val_loss, params, {"log_lr": log_lr}, start=step,
                                  check_finite=False)
             hg = r.hypergrad["log_lr"]
             if triggered("nan_hypergrad"):
