@@ -16,7 +16,7 @@ from torch import nn
 
 from bilevel import hypergrad
 from bilevel.data import Split
-from bilevel.meta.hparams import HParamSpec, Hyperparameters
+from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import Inner, baydin, diff_through_opt, lorraine, ours
 from bilevel.recipes._onepass_task import Task
 

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from bilevel import hypergrad
-from bilevel.meta.hparams import Hyperparameters
 from bilevel.optim import SGDState, sgd
+from bilevel.optim.hyperparameters import Hyperparameters
 from bilevel.recipes._onepass_task import Batch, Task
 from bilevel.tree import tree_flatten, tree_unflatten
 

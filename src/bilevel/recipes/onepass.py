@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, model_validator
 
 from bilevel.errors import NonFiniteError
-from bilevel.meta.hparams import HParamSpec, Hyperparameters
+from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
 from bilevel.recipes._onepass_task import DataSection, ModelSection, build_task
 from bilevel.run import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
