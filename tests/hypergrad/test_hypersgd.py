@@ -67,8 +67,9 @@ def _reference(model, x, y, train, val, *, lr, wd, mom, terms, clip, elementwise
             new, buf = update(wg, buf, const, train[n * T + i], False)
             w, buf = {k: v.detach() for k, v in new.items()}, {k: v.detach() for k, v in buf.items()}
         b_prev = buf
-        r = hypergrad.one_pass(lambda s, h, t: update(s, b_prev, h, train[n * T + T - 1], True),
-                               lambda s, h: F.cross_entropy(functional_call(model, s, (x[vidx],)), y[vidx]),
+        last = train[n * T + T - 1]
+        r = hypergrad.one_pass(lambda s, h, t, b=b_prev, i=last: update(s, b, h, i, True),
+                               lambda s, h, v=vidx: F.cross_entropy(functional_call(model, s, (x[v],)), y[v]),
                                w, raw, terms=terms, has_aux=True, on_divergence="identity")
         w, buf = r.state, r.aux
         outer.zero_grad()
@@ -134,8 +135,9 @@ def test_state_dict_resumes_bit_for_bit():
 
     first = _mlp()
     half = _drop_in(first, x, y, train[: 5 * T], val[:5], granularity={"lr": "element"}, terms=3)
-    for _ in range(2):  # two plain steps past the hyper boundary, then save
-        half.step(lambda: F.cross_entropy(first(x[train[5 * T + _]]), y[train[5 * T + _]]))
+    for j in range(2):  # two plain steps past the hyper boundary, then save
+        idx = train[5 * T + j]
+        half.step(lambda idx=idx: F.cross_entropy(first(x[idx]), y[idx]))
     blob = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": half.state_dict()}, blob)
     blob.seek(0)
