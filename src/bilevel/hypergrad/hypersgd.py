@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.errors import ConfigError, NeumannDivergenceError
+from bilevel.errors import ConfigError, NeumannDivergenceError, NonFiniteError
 from bilevel.hypergrad import linear_solve
 from bilevel.hypergrad.kit import write_grad
 from bilevel.optim import SGDState, sgd
@@ -83,7 +83,8 @@ class HyperSGD(torch.optim.Optimizer):
         hyper_every: weight steps per hyper-step (T).
         hyper_lr: learning rate of the hyper-optimiser.
         hyper_optimizer: ``"adam"``, ``"sgd"`` or a callable ``params -> Optimizer``.
-        lr_bounds: the learned learning rate is clipped to ``[low, high]`` (in log10).
+        lr_bounds: the learned learning rate is clipped to ``[low, high]`` (in log10);
+            ``None`` leaves that side open.
         grad_clip: scale the weight gradient to at most this norm (``None``: off).
         on_divergence: ``"identity"`` (fall back to one term) or ``"raise"`` when the
             Neumann series grows.
@@ -96,7 +97,7 @@ class HyperSGD(torch.optim.Optimizer):
         granularity: str | Mapping[str, str] = "scalar", method: str = "one_pass",
         terms: int | None = None, hyper_every: int = 10, hyper_lr: float = 0.05,
         hyper_optimizer: str | Callable[[list[Tensor]], torch.optim.Optimizer] = "adam",
-        lr_bounds: tuple[float, float] = (1e-10, 1.0), grad_clip: float | None = None,
+        lr_bounds: tuple[float | None, float | None] = (1e-10, 1.0), grad_clip: float | None = None,
         on_divergence: str = "identity", on_nonfinite: str = "skip",
     ) -> None:
         names, tensors = _named(params)
@@ -110,7 +111,8 @@ class HyperSGD(torch.optim.Optimizer):
         like = dict(zip(names, tensors, strict=True))
         init = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
         gran = granularity if isinstance(granularity, Mapping) else dict.fromkeys(learned, granularity)
-        bounds = {"lr": {"low": math.log10(lr_bounds[0]), "high": math.log10(lr_bounds[1])}}
+        bounds = {"lr": {"low": None if lr_bounds[0] is None else math.log10(lr_bounds[0]),
+                         "high": None if lr_bounds[1] is None else math.log10(lr_bounds[1])}}
         # A constant 0 (no momentum, no weight decay) stays a python 0: the rule skips it.
         self.constants = {n: 0.0 for n in NAMES if n not in learned and init[n] == 0}
         specs = {n: HParamSpec(init=init[n], transform=_TRANSFORMS[n], learn=n in learned,
@@ -183,7 +185,7 @@ class HyperSGD(torch.optim.Optimizer):
         hg, val = self.hypergradient(closure)
         if not bool(tree_all_finite(hg)):
             if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"HyperSGD: non-finite hypergradient at step {self.t}")
+                raise NonFiniteError(f"HyperSGD: non-finite hypergradient at step {self.t} (on_nonfinite='skip' skips such hyper-steps)", step=self.t, what="hypergradient")
             self.skipped += 1
             self.last_info["skipped"] = True
             return val
@@ -306,7 +308,7 @@ def _named(params: Iterable[Any]) -> tuple[list[str], list[Tensor]]:
 
 
 def _check(learn: tuple[str, ...], method: str, terms: int | None, hyper_every: int,
-           on_divergence: str, on_nonfinite: str, lr_bounds: tuple[float, float]) -> None:
+           on_divergence: str, on_nonfinite: str, lr_bounds: tuple[float | None, float | None]) -> None:
     unknown = [n for n in learn if n not in NAMES]
     if unknown:
         raise ConfigError(f"HyperSGD(learn=...): unknown {unknown}; choose from {list(NAMES)}")
@@ -319,8 +321,9 @@ def _check(learn: tuple[str, ...], method: str, terms: int | None, hyper_every: 
     if on_divergence not in ("identity", "raise") or on_nonfinite not in ("skip", "raise"):
         raise ConfigError("HyperSGD: on_divergence is 'identity' or 'raise'; on_nonfinite is "
                           "'skip' or 'raise'")
-    if not 0 < lr_bounds[0] < lr_bounds[1]:
-        raise ConfigError(f"HyperSGD(lr_bounds={lr_bounds}): need 0 < low < high")
+    low, high = lr_bounds
+    if (low is not None and not low > 0) or (high is not None and not (low or 0) < high):
+        raise ConfigError(f"HyperSGD(lr_bounds={lr_bounds}): need 0 < low < high (None: no bound)")
 
 
 def _hyper_optimizer(kind: Any, params: list[Tensor], lr: float) -> torch.optim.Optimizer | None:
