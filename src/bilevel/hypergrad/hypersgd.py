@@ -119,7 +119,7 @@ class HyperSGD(torch.optim.Optimizer):
                                granularity=gran.get(n, "scalar") if n in learned else "scalar",
                                **bounds.get(n, {}))
                  for n in NAMES if n not in self.constants}
-        self.hp = Hyperparameters(specs, like=like).to(tensors[0].device)
+        self.hp = Hyperparameters(specs, like=like, dtype=tensors[0].dtype).to(tensors[0].device)
         self.hyper_opt = _hyper_optimizer(hyper_optimizer, self.hp.learned(), hyper_lr)
         self.buf = {n: torch.zeros_like(p) for n, p in like.items()}
         self.t, self.skipped = 0, 0
