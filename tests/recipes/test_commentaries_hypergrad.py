@@ -39,9 +39,9 @@ def test_alg1_teacher_hypergradient_matches_finite_differences(f64: None, arch: 
     x, y = _digits_images(20)
     student, teacher = CBRStudent(1, 10), CBRTeacher(1, iteration_channel=arch == "curr")
     theta, s_buf = module_state(student)
-    phi0, t_buf = module_state(teacher)
+    phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(3)]
-    step = cw.make_inner_step(student, teacher, t_buf, batches, steps=3, lr=0.05)
+    step = cw.make_inner_step(student, teacher, batches, steps=3, lr=0.05)
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
 
     def meta(state: dict, hp: dict) -> torch.Tensor:
@@ -69,9 +69,9 @@ def test_alg1_checkpointed_and_truncated_unrolls(f64: None) -> None:
     x, y = _digits_images(24)
     student, teacher = CBRStudent(1, 10), CBRTeacher(1)
     theta, s_buf = module_state(student)
-    phi0, t_buf = module_state(teacher)
+    phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(4)]
-    step = cw.make_inner_step(student, teacher, t_buf, batches, steps=4, lr=0.05)
+    step = cw.make_inner_step(student, teacher, batches, steps=4, lr=0.05)
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
 
     def meta(state: dict, hp: dict) -> torch.Tensor:

@@ -219,10 +219,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                            perm_for(seed, step, 1, len(ih)).to(device), cfg=config.hypergrad, alpha=alpha)
             window["fallbacks"] += float("fallback" in r.info)
             if all_finite(r.hypergrad):
-                opt_m.zero_grad(set_to_none=True)
-                m.grad = r.hypergrad["M"].detach().clone()
-                if config.outer.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([m], config.outer.grad_clip)
+                hypergrad.write_grad(r, {"M": m}, max_norm=config.outer.grad_clip)
                 opt_m.step()
             else:
                 on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")

@@ -341,10 +341,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         grads = [r.hypergrad[k] for k in hp]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if all_finite(grads) and bool(torch.isfinite(r.outer_loss)):
-            for p, g in zip(hp.values(), grads, strict=True):
-                p.grad = g
-            if config.outer.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(hp.values()), config.outer.grad_clip)
+            hypergrad.write_grad(r, hp, max_norm=config.outer.grad_clip)
             opt.step()
         else:  # skip: the teacher does not move; abort raises
             on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")

@@ -185,8 +185,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 break
             if finite:  # skip: neither the weights nor the lr move this step
                 params = r.state
-                opt.zero_grad(set_to_none=True)
-                log_lr.grad = hg.detach().clone()
+                hypergrad.write_grad({"log_lr": hg}, {"log_lr": log_lr})
                 opt.step()
                 with torch.no_grad():
                     log_lr.clamp_(config.hparam.low, config.hparam.high)
