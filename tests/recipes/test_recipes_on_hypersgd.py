@@ -21,9 +21,16 @@ from tests.cli.conftest import final_state
 SEED = 3
 
 
-def _val_loss(model, ds, val: IndexSampler) -> torch.Tensor:
-    idx = next(val)  # drawn only when HyperSGD calls it: on hyper-steps
-    return F.cross_entropy(model(ds.val.x[idx]), ds.val.y[idx])
+def _train(model, opt, ds, train: IndexSampler, val: IndexSampler, n: int) -> None:
+    """The user's loop: HyperSGD steps on training batches, a validation closure each step."""
+    def val_loss() -> torch.Tensor:
+        idx = next(val)  # drawn only when HyperSGD calls it: on hyper-steps
+        return F.cross_entropy(model(ds.val.x[idx]), ds.val.y[idx])
+
+    for _ in range(n):
+        idx = next(train)
+        opt.step(lambda idx=idx: F.cross_entropy(model(ds.train.x[idx]), ds.train.y[idx]))
+        opt.hyper_step(val_loss)
 
 
 def test_mnist_lr_recipe_is_a_hypersgd_loop(tmp_path: Path) -> None:
@@ -41,10 +48,7 @@ def test_mnist_lr_recipe_is_a_hypersgd_loop(tmp_path: Path) -> None:
                            hyper_every=T, hyper_lr=0.05, lr_bounds=(1e-6, 1.0))
     train = IndexSampler(len(ds.train.y), 32, seed=SEED)
     val = IndexSampler(len(ds.val.y), 100, seed=SEED + 1)
-    for _ in range(steps * T):
-        idx = next(train)
-        opt.step(lambda idx=idx: F.cross_entropy(model(ds.train.x[idx]), ds.train.y[idx]))
-        opt.hyper_step(lambda: _val_loss(model, ds, val))
+    _train(model, opt, ds, train, val, steps * T)
     with torch.no_grad():
         logits = model(ds.test.x)
     assert summary["test/loss"] == F.cross_entropy(logits, ds.test.y).item()
@@ -71,10 +75,7 @@ def test_onepass_ours_recipe_is_a_hypersgd_loop(tmp_path: Path) -> None:
                            terms=3, hyper_every=T, grad_clip=5.0)
     train = IndexSampler(len(ds.train.y), 64, seed=SEED)
     val = IndexSampler(len(ds.val.y), 64, seed=SEED + 1)
-    for _ in range(T * hyper_steps):
-        idx = next(train)
-        opt.step(lambda idx=idx: F.cross_entropy(model(ds.train.x[idx]), ds.train.y[idx]))
-        opt.hyper_step(lambda: _val_loss(model, ds, val))
+    _train(model, opt, ds, train, val, T * hyper_steps)
 
     state = final_state(out)["state"]
     for k, p in model.named_parameters():

@@ -136,13 +136,7 @@ class HyperSGD(torch.optim.Optimizer):
 
     def _update(self, w: dict[str, Tensor], grads: dict[str, Tensor], hv: dict[str, Any],
                 buf: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        if self.grad_clip is not None:
-            norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-            scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            grads = {k: g * scale for k, g in grads.items()}
-        new_w, st = sgd.step(w, grads, SGDState(buf, _STEP0), lr=hv["lr"],
-                             momentum=hv["momentum"], weight_decay=hv["weight_decay"])
-        return new_w, st.momentum_buffer
+        return sgd_update(w, grads, buf, hv, grad_clip=self.grad_clip)
 
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
         """One weight update; returns the closure's loss (detached), or ``None`` without one."""
@@ -293,6 +287,20 @@ class HyperSGD(torch.optim.Optimizer):
     def __repr__(self) -> str:
         values = ", ".join(f"{k}={v:.4g}" for k, v in self.hyperparameters().items())
         return f"HyperSGD({values}, learn={self.learn}, method={self.method!r}, step={self.t})"
+
+
+def sgd_update(w: dict[str, Tensor], grads: dict[str, Tensor], buf: dict[str, Tensor],
+               hv: Mapping[str, Any], *, grad_clip: float | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Clarke et al.'s weight update (module docstring): ``(w, b) -> (w', b')``, pure and
+    differentiable in every input; ``hv`` holds ``lr``, ``weight_decay``, ``momentum``."""
+    if grad_clip is not None:
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        scale = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+        grads = {k: g * scale for k, g in grads.items()}
+    new_w, st = sgd.step(w, grads, SGDState(buf, _STEP0), lr=hv["lr"],
+                         momentum=hv["momentum"], weight_decay=hv["weight_decay"])
+    return new_w, st.momentum_buffer
 
 
 def _named(params: Iterable[Any]) -> tuple[list[str], list[Tensor]]:

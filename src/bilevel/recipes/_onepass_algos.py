@@ -44,13 +44,12 @@ from torch import Tensor
 
 from bilevel import hypergrad
 from bilevel.hypergrad import HyperSGD
-from bilevel.optim import SGDState, sgd
+from bilevel.hypergrad.hypersgd import sgd_update
 from bilevel.optim.hyperparameters import Hyperparameters
 from bilevel.recipes._onepass_task import Batch, Task
 from bilevel.tree import tree_flatten, tree_unflatten
 
 Params = dict[str, Tensor]
-_STEP0 = torch.zeros((), dtype=torch.int64)  # dampening is 0, so the step count is unused
 
 
 @dataclass
@@ -92,17 +91,12 @@ def update(inner: Inner, w: Params, buf: Params, hv: dict[str, Any], batch: Batc
     loss, aux = inner.task.loss(w, batch)
     grads = dict(zip(w, torch.autograd.grad(loss, list(w.values()), create_graph=create_graph),
                      strict=True))
-    if inner.grad_clip is not None:
-        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        scale = torch.clamp(inner.grad_clip / (norm + 1e-6), max=1.0)
-        grads = {k: g * scale for k, g in grads.items()}
-    new_w, st = sgd.step(w, grads, SGDState(buf, _STEP0), lr=hv["lr"],
-                         momentum=hv["momentum"], weight_decay=hv["weight_decay"])
+    new_w, new_buf = sgd_update(w, grads, buf, hv, grad_clip=inner.grad_clip)
     if commit:
         inner.task.commit(aux)
     if not create_graph:
-        return {k: v.detach() for k, v in new_w.items()}, {k: v.detach() for k, v in st.momentum_buffer.items()}
-    return new_w, st.momentum_buffer
+        return {k: v.detach() for k, v in new_w.items()}, {k: v.detach() for k, v in new_buf.items()}
+    return new_w, new_buf
 
 
 def plain_steps(inner: Inner, n: int) -> None:
