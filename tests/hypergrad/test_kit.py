@@ -231,3 +231,25 @@ def test_bad_inputs_name_the_argument():
         hypergrad.problem(lambda x: x, None, None)
     with pytest.raises(TypeError, match="rule must be an update rule"):
         hypergrad.problem(nn.Linear(1, 1), None, None, rule=torch.optim.SGD)
+
+
+def test_kit_has_aux_returns_each_steps_aux():
+    """The teacher's example weights of every step come back in r.aux (detached)."""
+    batches, xv, yv = _data(3)
+    student, teacher = nn.Linear(64, 10), nn.Sequential(nn.Linear(64, 1), nn.Sigmoid())
+
+    def train_loss(s, t, x, y):
+        c = t(x)[:, 0]
+        return (c * F.cross_entropy(s(x), y, reduction="none")).sum(), c
+
+    p = hypergrad.problem(student, train_loss, lambda s, t: F.cross_entropy(s(xv), yv),
+                          hparams=teacher, batches=batches, has_aux=True, lr=0.1)
+    r = hypergrad.unrolled(*p, steps=3, has_aux=True)
+    assert len(r.aux) == 3 and not r.aux[0].requires_grad
+    torch.testing.assert_close(r.aux[1], teacher(batches[1][0])[:, 0].detach())
+    plain = hypergrad.problem(student, lambda s, t, x, y: train_loss(s, t, x, y)[0],
+                              lambda s, t: F.cross_entropy(s(xv), yv), hparams=teacher,
+                              batches=batches, lr=0.1)
+    want = hypergrad.unrolled(*plain, steps=3).hypergrad
+    for k in want:
+        torch.testing.assert_close(r.hypergrad[k], want[k], rtol=0, atol=0)
