@@ -30,7 +30,7 @@ Example:
     ...                       "momentum": HParamSpec(init=0.9, transform="sigmoid", learn=False)})
     >>> raw = hp.raw_tree()               # {'lr': tensor(-3., requires_grad=True)}
     >>> v = hp.values(raw)                # {'lr': 10**raw['lr'], 'momentum': tensor(0.9000)}
-    >>> round(float(v["lr"]), 6), round(float(v["momentum"]), 4)
+    >>> round(float(v["lr"].detach()), 6), round(float(v["momentum"]), 4)
     (0.001, 0.9)
 """
 
