@@ -221,7 +221,7 @@ def run_cell(problem: str, mode: str, steps: int, reps: int, device: str, thread
         fn = lambda: plain(1)  # noqa: E731
     elif mode.startswith("implicit"):
         k = int(mode.split("K=")[1])
-        fn = lambda: hypergrad.implicit(step, outer, s0, lam, solver="neumann", iters=k)  # noqa: E731
+        fn = lambda: hypergrad.implicit(step, outer, s0, lam, solver="neumann", terms=k + 1)  # noqa: E731
     else:
         kw = {"unrolled": {}, "truncated": {"truncate": max(1, steps // 10)},
               "checkpointed": {"checkpoint": True}}.get(mode)

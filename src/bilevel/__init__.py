@@ -2,8 +2,10 @@
 
 Public entry points (imported lazily so ``import bilevel`` stays light):
 
-* ``bilevel.hypergrad``: the engine (unrolled, forward, implicit, one-pass, greedy).
+* ``bilevel.hypergrad``: the engine (unrolled, forward, implicit, one-pass, greedy) and the
+  module kit (``hypergrad.problem``, ``hypergrad.write_grad``).
 * ``bilevel.optim``: differentiable update rules (SGD, Adam/AdamW, AliG) and ``AliG``.
+* ``bilevel.HyperSGD``: SGD that learns its own lr / weight decay / momentum while it trains.
 * ``bilevel.AliG``: the AliG ``torch.optim.Optimizer``.
 * ``bilevel.MetaOptimizer``: AuxiLearn's implicit-hypergradient meta-optimiser.
 """
@@ -17,14 +19,18 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AliG": ("bilevel.optim", "AliG"),
+    "HyperSGD": ("bilevel.hypergrad", "HyperSGD"),
     "MetaOptimizer": ("bilevel.hypergrad", "MetaOptimizer"),
 }
+_SUBPACKAGES = ("functional", "hypergrad", "meta", "optim", "tree")
 
-__all__ = ["AliG", "MetaOptimizer", "__version__"]
+__all__ = ["AliG", "HyperSGD", "MetaOptimizer", "__version__", *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name in _SUBPACKAGES:  # ``import bilevel; bilevel.hypergrad`` without an eager import
+        return importlib.import_module(f"bilevel.{name}")
     raise AttributeError(f"module 'bilevel' has no attribute {name!r}")

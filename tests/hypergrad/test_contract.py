@@ -52,7 +52,7 @@ METHODS = {
     "truncated": lambda s, h: hypergrad.unrolled(step, outer, s, h, steps=3, truncate=1),
     "checkpointed": lambda s, h: hypergrad.unrolled(step, outer, s, h, steps=3, checkpoint=True),
     "forward": lambda s, h: hypergrad.forward(step, outer, s, {"log_lr": h["log_lr"]}, steps=3),
-    "neumann": lambda s, h: hypergrad.implicit(step, outer, s, h, iters=3),
+    "neumann": lambda s, h: hypergrad.implicit(step, outer, s, h, terms=4),
     "cg": lambda s, h: hypergrad.implicit(step, outer, s, h, solver="cg", iters=3),
     "identity": lambda s, h: hypergrad.implicit(step, outer, s, h, solver="identity"),
     "exact": lambda s, h: hypergrad.implicit(step, outer, s, {"log_lr": h["log_lr"]}, solver="exact"),

@@ -63,7 +63,7 @@ def test_op_without_double_backward_is_named_with_the_fix(ridge):
     with pytest.raises(HypergradError, match=r"_cdist_backward has no double-backward.*hypergrad.forward"):
         hypergrad.unrolled(step, ridge.outer_loss, ridge.state0(), ridge.hparams(), steps=3)
     with pytest.raises(HypergradError, match=r"no double-backward.*solver='identity'"):
-        hypergrad.implicit(step, ridge.outer_loss, ridge.state0(), ridge.hparams(), iters=2)
+        hypergrad.implicit(step, ridge.outer_loss, ridge.state0(), ridge.hparams(), terms=3)
     # cdist has no forward-mode derivative of its backward either: said just as plainly
     with pytest.raises(HypergradError, match=r"forward mode.*_cdist_backward.*unrolled"):
         hypergrad.forward(step, ridge.outer_loss, ridge.state0(), ridge.hparams(), steps=3)
@@ -84,13 +84,13 @@ def test_diverging_neumann_series_is_detected(ridge):
     big = Ridge(lr=1.0)  # I - lr*H has eigenvalues below -1: the series grows
     w_star = {"w": big.solution(-2.0)}
     with pytest.raises(NeumannDivergenceError, match="smaller alpha"):
-        hypergrad.implicit(big.step, big.outer_loss, w_star, big.hparams(), iters=200)
+        hypergrad.implicit(big.step, big.outer_loss, w_star, big.hparams(), terms=201)
     r = hypergrad.implicit(
-        big.step, big.outer_loss, w_star, big.hparams(), iters=200, on_divergence="identity"
+        big.step, big.outer_loss, w_star, big.hparams(), terms=201, on_divergence="identity"
     )
     assert r.info["fallback"] == "identity"
     # a damped series (alpha) makes the same map contractive again
-    ok = hypergrad.implicit(big.step, big.outer_loss, w_star, big.hparams(), iters=3000, alpha=0.1)
+    ok = hypergrad.implicit(big.step, big.outer_loss, w_star, big.hparams(), terms=3001, alpha=0.1)
     assert float(ok.hypergrad["log_reg"]) == pytest.approx(big.implicit_exact(-2.0), rel=1e-5)
 
 

@@ -122,7 +122,7 @@ def test_matches_engine_unrolled_and_implicit(prob):
                                   steps=k + 1)
     torch.testing.assert_close(alpha * got, unrolled.hypergrad["phi"])
     implicit = hypergrad.implicit(step, lambda s, h: val_loss(prob, s["w"]), state, hp,
-                                  solver="neumann", iters=k)
+                                  solver="neumann", terms=k + 1)
     torch.testing.assert_close(alpha * got, implicit.hypergrad["phi"])
 
 

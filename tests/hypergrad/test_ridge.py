@@ -69,7 +69,8 @@ def test_forward_equals_reverse(ridge):
 def test_implicit_matches_analytic_derivative(ridge, solver, iters, rel):
     w_star = {"w": ridge.solution(-2.0)}
     r = hypergrad.implicit(
-        ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver=solver, iters=iters
+        ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver=solver,
+        **({"terms": iters + 1} if solver == "neumann" else {"iters": iters}),
     )
     assert float(r.hypergrad["log_reg"]) == pytest.approx(ridge.implicit_exact(-2.0), rel=rel)
 
@@ -77,7 +78,7 @@ def test_implicit_matches_analytic_derivative(ridge, solver, iters, rel):
 def test_implicit_identity_is_neumann_with_no_terms(ridge):
     w_star = {"w": ridge.solution(-2.0)}
     a = hypergrad.implicit(ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver="identity")
-    b = hypergrad.implicit(ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver="neumann", iters=0)
+    b = hypergrad.implicit(ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver="neumann", terms=1)
     assert torch.equal(a.hypergrad["log_reg"], b.hypergrad["log_reg"])
     # Identity approximates H^-1 by (lr I)^-1 ... scaled: -lr * d2L/dwdλ^T g, computed by hand.
     w = w_star["w"]
@@ -89,7 +90,7 @@ def test_implicit_identity_is_neumann_with_no_terms(ridge):
 def test_implicit_alpha_damped_neumann_converges_to_the_same_answer(ridge):
     w_star = {"w": ridge.solution(-2.0)}
     r = hypergrad.implicit(
-        ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver="neumann", iters=6000, alpha=0.7
+        ridge.step, ridge.outer_loss, w_star, ridge.hparams(), solver="neumann", terms=6001, alpha=0.7
     )
     assert float(r.hypergrad["log_reg"]) == pytest.approx(ridge.implicit_exact(-2.0), rel=1e-6)
 

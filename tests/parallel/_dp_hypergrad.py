@@ -59,7 +59,7 @@ def main(out: Path) -> None:
     for sync in (True, False):
         step, outer, w0, hp = problem(sync=sync)
         un = hypergrad.unrolled(step, outer, w0, hp, steps=8)
-        op = hypergrad.one_pass(step, outer, un.state, hp, terms=5, t=8)
+        op = hypergrad.one_pass(step, outer, un.state, hp, terms=5, start=8)
         tag = "" if sync else "naive_"
         result[tag + "local_unrolled"] = {k: v.detach() for k, v in un.hypergrad.items()}
         result[tag + "unrolled"] = parallel.average_tree(result[tag + "local_unrolled"])

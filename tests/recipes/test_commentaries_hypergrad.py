@@ -39,9 +39,9 @@ def test_alg1_teacher_hypergradient_matches_finite_differences(f64: None, arch: 
     x, y = _digits_images(20)
     student, teacher = CBRStudent(1, 10), CBRTeacher(1, iteration_channel=arch == "curr")
     theta, s_buf = module_state(student)
-    phi0, t_buf = module_state(teacher)
+    phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(3)]
-    step = cw.make_inner_step(student, teacher, t_buf, batches, steps=3, lr=0.05)
+    step = cw.make_inner_step(student, teacher, batches, steps=3, lr=0.05)
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
 
     def meta(state: dict, hp: dict) -> torch.Tensor:
@@ -69,9 +69,9 @@ def test_alg1_checkpointed_and_truncated_unrolls(f64: None) -> None:
     x, y = _digits_images(24)
     student, teacher = CBRStudent(1, 10), CBRTeacher(1)
     theta, s_buf = module_state(student)
-    phi0, t_buf = module_state(teacher)
+    phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(4)]
-    step = cw.make_inner_step(student, teacher, t_buf, batches, steps=4, lr=0.05)
+    step = cw.make_inner_step(student, teacher, batches, steps=4, lr=0.05)
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
 
     def meta(state: dict, hp: dict) -> torch.Tensor:
@@ -137,16 +137,14 @@ def test_alg2_hyper_step_is_lorraines_formula_with_k1(f64: None) -> None:
 def test_alg2_neumann_terms_approach_exact_unrolled(f64: None) -> None:
     net, m, train, val, perm = _blend_problem()
     alpha = 0.5  # below 2/λ_max(H): Φ contracts, so the fixed point's residual does not grow
-    w = {k: v.detach() for k, v in net.named_parameters()}
-    step = cb.make_step(net, {}, *train, perm, alpha=alpha)
-    loss_v = cb.make_val_loss(net, {}, *val)
-    cg = hypergrad.implicit(step, loss_v, w, {"M": m}, solver="cg", iters=500).hypergrad["M"]
+    step, loss_v, w, hp = cb.blend_problem(net, m, train, val, perm, alpha=alpha)
+    cg = hypergrad.implicit(step, loss_v, w, hp, solver="cg", iters=500).hypergrad["M"]
     errors = []
     for k in (1, 10, 100, 1000):
         cfg = HypergradConfig(method="implicit", solver="neumann", iters=k)
         neumann = cb.hyper_step(net, m, train, val, perm, cfg=cfg, alpha=alpha).hypergrad["M"]
         # At a fixed point, K Neumann terms = back-propagation through K + 1 steps of Φ.
-        unrolled = hypergrad.unrolled(step, loss_v, w, {"M": m}, steps=k + 1).hypergrad["M"]
+        unrolled = hypergrad.unrolled(step, loss_v, w, hp, steps=k + 1).hypergrad["M"]
         assert (neumann - unrolled).norm() < 1e-5 * unrolled.norm(), k
         errors.append(((neumann - cg).norm() / cg.norm()).item())
     assert errors == sorted(errors, reverse=True), errors

@@ -1,4 +1,4 @@
-"""bilevel.meta.hparams: transforms, granularities, clipping, errors, state round trip."""
+"""bilevel.optim.hyperparameters: transforms, granularities, clipping, errors, state round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bilevel.errors import ConfigError
-from bilevel.meta.hparams import TRANSFORMS, HParamSpec, Hyperparameters
+from bilevel.optim.hyperparameters import TRANSFORMS, HParamSpec, Hyperparameters
 
 
 @pytest.mark.parametrize(("name", "value"), [("log10", 3e-4), ("sigmoid", 0.9), ("softplus", 0.02),

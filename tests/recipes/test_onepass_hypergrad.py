@@ -16,7 +16,8 @@ from torch import nn
 
 from bilevel import hypergrad
 from bilevel.data import Split
-from bilevel.meta.hparams import HParamSpec, Hyperparameters
+from bilevel.hypergrad import HyperSGD
+from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import Inner, baydin, diff_through_opt, lorraine, ours
 from bilevel.recipes._onepass_task import Task
 
@@ -41,6 +42,16 @@ def _problem(lr: float = 0.05, wd: float = 1e-2, mu: float = 0.6, *, learn=("lr"
     return Inner(task, hp, dict(w0), dict(b0)), (x, y, xv, yv), (lr, wd, mu)
 
 
+def _drop_in(inner: Inner, values, terms: int, learn=("lr", "weight_decay", "momentum")) -> Inner:
+    """The same Inner with algorithm ``ours``'s HyperSGD over its weights (one step per hyper-step)."""
+    lr, wd, mu = values
+    leaves = {k: v.clone().requires_grad_() for k, v in inner.w.items()}
+    opt = HyperSGD(leaves.items(), lr=lr, weight_decay=wd, momentum=mu, learn=learn, terms=terms,
+                   hyper_every=1, lr_bounds=(None, None))
+    opt.buf = dict(inner.buf)
+    return Inner(inner.task, opt.hp, leaves, inner.buf, opt=opt)
+
+
 def _closed_form(inner: Inner, data, values, terms: int):
     x, y, xv, yv = data
     lr, wd, mu = values
@@ -63,6 +74,7 @@ def _closed_form(inner: Inner, data, values, terms: int):
 def test_ours_matches_clarke_closed_form(terms: int) -> None:
     inner, data, values = _problem()
     expected, w1 = _closed_form(inner, data, values, terms)
+    inner = _drop_in(inner, values, terms)
     hg, _ = ours(inner, weight_steps=1, terms=terms)
     for k, v in expected.items():
         assert float(hg[k]) == pytest.approx(v, rel=1e-9, abs=1e-12), k
@@ -70,7 +82,8 @@ def test_ours_matches_clarke_closed_form(terms: int) -> None:
 
 
 def test_one_term_equals_exact_unrolled_hypergradient_of_last_update() -> None:
-    inner, data, _ = _problem()
+    inner, data, values = _problem()
+    inner = _drop_in(inner, values, 1)
     x, y, xv, yv = data
     raw = inner.hp.raw_tree()
     b0 = dict(inner.buf)
@@ -83,16 +96,16 @@ def test_one_term_equals_exact_unrolled_hypergradient_of_last_update() -> None:
         return {"w": {"weight": w - v["lr"] * d}}
 
     exact = hypergrad.unrolled(step, lambda s, r: ((xv @ s["w"]["weight"].T - yv) ** 2).mean(),
-                               {"w": dict(inner.w)}, raw, steps=1)
+                               {"w": {k: v.detach() for k, v in inner.w.items()}}, raw, steps=1)
     hg, _ = ours(inner, weight_steps=1, terms=1)
     for k in raw:
         torch.testing.assert_close(hg[k], exact.hypergrad[k])
 
 
 def test_first_step_momentum_gets_zero_hypergradient() -> None:
-    inner, _, _ = _problem()
+    inner, _, values = _problem()
     inner.buf = {"weight": torch.zeros(1, 3, dtype=torch.float64)}
-    hg, _ = ours(inner, weight_steps=1, terms=5)
+    hg, _ = ours(_drop_in(inner, values, 5), weight_steps=1, terms=5)
     assert float(hg["momentum"]) == 0.0 and float(hg["lr"]) != 0.0
 
 

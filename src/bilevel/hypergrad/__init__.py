@@ -11,12 +11,22 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 ``one_pass``           Clarke et al.'s online implicit hypergradient of the last update
 ``greedy``             one-step unrolled (Baydin et al.'s hypergradient descent)
 =====================  =============================================================
+
+The module kit (:mod:`bilevel.hypergrad.kit`) builds ``step`` / ``outer_loss`` from
+modules (:func:`problem`) and writes results into ``.grad`` (:func:`write_grad`). :class:`HyperSGD` is the online face: a ``torch.optim``
+optimiser that learns its own lr / weight decay / momentum by one-pass or greedy
+hypergradients while it trains.
 """
 
 from bilevel.hypergrad._common import HypergradResult
 from bilevel.hypergrad.forward import forward
+from bilevel.hypergrad.hypersgd import HyperSGD
 from bilevel.hypergrad.implicit import SOLVERS, implicit, one_pass
+from bilevel.hypergrad.kit import Problem, load_state, problem, write_grad
 from bilevel.hypergrad.meta_optimizer import MetaOptimizer
 from bilevel.hypergrad.unrolled import greedy, unrolled
 
-__all__ = ["SOLVERS", "HypergradResult", "MetaOptimizer", "forward", "greedy", "implicit", "one_pass", "unrolled"]
+__all__ = [
+    "SOLVERS", "HyperSGD", "HypergradResult", "MetaOptimizer", "Problem", "forward", "greedy", "implicit",
+    "load_state", "one_pass", "problem", "unrolled", "write_grad",
+]

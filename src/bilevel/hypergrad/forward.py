@@ -27,6 +27,7 @@ from bilevel.hypergrad._common import (
     first_bad_step,
     hparam_leaves,
 )
+from bilevel.hypergrad._keywords import AuxSteps
 from bilevel.tree import Tree, tree_all_finite, tree_detach, tree_flatten, tree_unflatten
 
 MAX_SCALARS = 4096
@@ -41,6 +42,7 @@ def forward(
     steps: int,
     start: int = 0,
     check_finite: bool = True,
+    has_aux: bool = False,
 ) -> HypergradResult:
     """Total derivative ``dL_V/dλ`` through ``steps`` inner steps, in forward mode.
 
@@ -62,18 +64,21 @@ def forward(
     primal_h = tree_unflatten(h_def, [x.detach() for x in leaves])
     s0 = tree_detach(state0)
     with torch.no_grad():  # structural checks once, on real tensors
-        checked_first_step(step, s0, primal_h, start)
+        checked_first_step(AuxSteps(step, has_aux), s0, primal_h, start)
 
-    def run(h: Tree) -> tuple[torch.Tensor, tuple[torch.Tensor, Tree, torch.Tensor]]:
-        state, flags = s0, []
+    def run(h: Tree) -> tuple[torch.Tensor, tuple[torch.Tensor, Tree, torch.Tensor, list]]:
+        state, flags, auxes = s0, [], []
         for t in range(start, start + steps):
             state = step(state, h, t)
+            if has_aux:  # returned through jacfwd's aux, which unwraps the tangents
+                state, aux = state
+                auxes.append(aux)
             flags.append(tree_all_finite(state))
         loss = outer_loss(state, h)
-        return loss, (loss, state, torch.stack(flags))
+        return loss, (loss, state, torch.stack(flags), auxes)
 
     try:
-        jac, (loss, state, flags) = jacfwd(run, has_aux=True)(primal_h)
+        jac, (loss, state, flags, auxes) = jacfwd(run, has_aux=True)(primal_h)
     except NotImplementedError as exc:
         op = re.search(r"forward AD with (\S+)", str(exc))
         raise HypergradError(
@@ -98,4 +103,5 @@ def forward(
             )
         check_finite_result(loss, tree_flatten(jac)[0], "forward")
     info = {"steps": steps, "tangents": n}
-    return HypergradResult(jac, tree_detach(state), loss.detach(), info)
+    return HypergradResult(jac, tree_detach(state), loss.detach(), info,
+                           [tree_detach(a) for a in auxes] if has_aux else None)

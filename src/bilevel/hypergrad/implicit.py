@@ -39,6 +39,7 @@ from bilevel.hypergrad._common import (
     hparam_leaves,
     prepare_state,
 )
+from bilevel.hypergrad._keywords import AuxSteps, neumann_terms, step_offset
 from bilevel.tree import Tree, tree_detach, tree_flatten, tree_unflatten
 
 SOLVERS = ("neumann", "cg", "identity", "exact")
@@ -51,13 +52,16 @@ def implicit(
     hparams: Tree,
     *,
     solver: str = "neumann",
-    iters: int = 10,
+    terms: int | None = None,
+    iters: int | None = None,
     alpha: float = 1.0,
-    t: int = 0,
+    start: int = 0,
     tol: float = 1e-10,
     max_dim: int = 4096,
     on_divergence: str = "raise",
     check_finite: bool = True,
+    has_aux: bool = False,
+    t: int | None = None,
 ) -> HypergradResult:
     """Hypergradient at an (approximate) fixed point ``state_star`` of the step map.
 
@@ -68,23 +72,35 @@ def implicit(
         state_star: the trained inner state (not modified).
         hparams: tree of floating tensors with ``requires_grad=True``.
         solver: ``"neumann"``, ``"cg"``, ``"identity"`` or ``"exact"``.
-        iters: Neumann terms beyond the first (K), or the CG iteration cap.
+        terms: Neumann terms in total (default 11; ``terms=1`` is the identity), as in
+            :func:`one_pass`. The old ``iters=K`` for Neumann (K + 1 terms) still works,
+            with a DeprecationWarning.
+        iters: the CG iteration cap (default 10).
         alpha: Neumann damping/scale (see :mod:`bilevel.hypergrad.linear_solve`).
-        on_divergence: ``"raise"`` or ``"identity"`` (fall back to K = 0, reported in
+        start: the ``t`` passed to ``step`` (``t=`` is its deprecated old name).
+        on_divergence: ``"raise"`` or ``"identity"`` (fall back to one term, reported in
             ``info["fallback"]``) when the Neumann series grows.
+        has_aux: ``step`` returns ``(new_state, aux)``; ``r.aux`` is that aux, detached.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if on_divergence not in ("raise", "identity"):
         raise ValueError(f"on_divergence must be 'raise' or 'identity', got {on_divergence!r}")
+    start = step_offset(start, t, method="implicit")
+    if solver == "neumann":
+        iters = neumann_terms(terms, iters, default=11, method="implicit") - 1
+    elif terms is not None:
+        raise TypeError(f"implicit: terms= counts Neumann terms; solver {solver!r} takes iters=")
+    iters = 10 if iters is None else iters
     h_leaves = hparam_leaves(hparams)
     s = prepare_state(state_star)
+    step = aux_steps = AuxSteps(step, has_aux)
     with explain_autograd_errors(f"implicit(solver={solver!r})"):
         loss = outer_loss(s, hparams)
         s_leaves = float_leaves(s)
         g = torch.autograd.grad(loss, s_leaves + h_leaves, allow_unused=True)
         g_s, direct = grads_or_zeros(g[: len(s_leaves)], s_leaves), g[len(s_leaves) :]
-        phi = float_leaves(checked_first_step(step, s, hparams, t))
+        phi = float_leaves(checked_first_step(step, s, hparams, start))
         x, info = _solve(phi, s_leaves, g_s, solver, iters, alpha, tol, max_dim, on_divergence)
         indirect = _vjp_h(phi, h_leaves, x)
     hyper = _total(direct, indirect, h_leaves)
@@ -92,7 +108,8 @@ def implicit(
         check_finite_result(loss.detach(), hyper, "implicit")
     h_def = tree_flatten(hparams)[1]
     info |= {"solver": solver}
-    return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state_star), loss.detach(), info)
+    return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state_star), loss.detach(), info,
+                           aux_steps.by_t.get(start))
 
 
 def one_pass(
@@ -102,10 +119,11 @@ def one_pass(
     hparams: Tree,
     *,
     terms: int = 5,
-    t: int = 0,
+    start: int = 0,
     has_aux: bool = False,
     on_divergence: str = "raise",
     check_finite: bool = True,
+    t: int | None = None,
 ) -> HypergradResult:
     """Take one inner step and return its one-pass implicit hypergradient (Clarke et al.).
 
@@ -115,6 +133,7 @@ def one_pass(
             which Clarke et al. treat as a constant) is returned detached and not
             differentiated.
         terms: number of Neumann terms in total (Clarke et al.'s ``i``; 1 = identity).
+        start: the ``t`` passed to ``step`` (``t=`` is its deprecated old name).
         on_divergence: ``"raise"`` or ``"identity"`` (fall back to one term).
 
     A hyperparameter that does not reach the update yet (momentum while its buffer is
@@ -122,10 +141,11 @@ def one_pass(
     """
     if terms < 1:
         raise ValueError(f"terms must be >= 1, got {terms}")
+    start = step_offset(start, t, method="one_pass")
     h_leaves = hparam_leaves(hparams)
     s = prepare_state(state)
     with explain_autograd_errors("one_pass"):
-        out = checked_step_aux(step, s, hparams, t, has_aux)
+        out = checked_step_aux(step, s, hparams, start, has_aux)
         new, aux = out if has_aux else (out, None)
         new_leaves = float_leaves(new)
         # Outer loss at the new state, with the new state as its own leaf.

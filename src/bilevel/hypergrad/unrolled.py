@@ -43,6 +43,7 @@ from bilevel.hypergrad._common import (
     hparam_leaves,
     prepare_state,
 )
+from bilevel.hypergrad._keywords import AuxSteps, step_offset
 from bilevel.tree import Tree, tree_all_finite, tree_detach, tree_flatten, tree_unflatten
 
 
@@ -58,6 +59,7 @@ def unrolled(
     segment: int | None = None,
     start: int = 0,
     check_finite: bool = True,
+    has_aux: bool = False,
 ) -> HypergradResult:
     """Hypergradient by back-propagation through ``steps`` inner steps.
 
@@ -74,6 +76,8 @@ def unrolled(
         check_finite: detect NaN/inf in the state after every step (one host sync at the
             end) and in the loss and hypergradient; raise :class:`NonFiniteError` with the
             first bad step.
+        has_aux: ``step`` returns ``(new_state, aux)``; ``r.aux`` is the list of each
+            step's aux, detached (not differentiated).
 
     Returns:
         :class:`HypergradResult` with the total derivative, the final state (detached) and
@@ -84,6 +88,7 @@ def unrolled(
     if truncate is not None and not truncate >= 1:
         raise ValueError(f"truncate must be >= 1 (steps that carry gradient), got {truncate}")
     h_leaves = hparam_leaves(hparams)
+    step = aux_steps = AuxSteps(step, has_aux)
     k = steps if truncate is None else min(truncate, steps)
     flags: list[tuple[int, torch.Tensor]] = []
     # State leaves require grad so that steps written with torch.autograd.grad work too.
@@ -114,19 +119,25 @@ def unrolled(
         check_finite_result(loss.detach(), hyper, "unrolled")
     h_def = tree_flatten(hparams)[1]
     info = {"steps": steps, "carried_gradient": k, "checkpoint": checkpoint}
-    return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state), loss.detach(), info)
+    return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state), loss.detach(), info,
+                           aux_steps.collected(range(start, start + steps)))
 
 
 def greedy(
-    step: StepFn, outer_loss: OuterLossFn, state: Tree, hparams: Tree, *, t: int = 0,
-    check_finite: bool = True,
+    step: StepFn, outer_loss: OuterLossFn, state: Tree, hparams: Tree, *, start: int = 0,
+    check_finite: bool = True, has_aux: bool = False, t: int | None = None,
 ) -> HypergradResult:
     """One-step hypergradient ``d L_V(step(state, λ)) / dλ``.
 
     With plain SGD and the *next training batch's* loss as ``outer_loss`` this is Baydin
-    et al.'s hypergradient descent: ``dL/dlr = -∇L(w_{t+1}) · ∇L(w_t)``.
+    et al.'s hypergradient descent: ``dL/dlr = -∇L(w_{t+1}) · ∇L(w_t)``. ``start`` is the
+    ``t`` passed to ``step`` (``t=`` is its deprecated old name); with ``has_aux`` the step
+    returns ``(new_state, aux)`` and ``r.aux`` is that step's aux.
     """
-    return unrolled(step, outer_loss, state, hparams, steps=1, start=t, check_finite=check_finite)
+    start = step_offset(start, t, method="greedy")
+    r = unrolled(step, outer_loss, state, hparams, steps=1, start=start,
+                 check_finite=check_finite, has_aux=has_aux)
+    return r._replace(aux=r.aux[0]) if has_aux else r
 
 
 def _one_step(step: StepFn, state: Tree, hparams: Tree, t: int, *, first: bool) -> Tree:

@@ -13,7 +13,10 @@ may be floats, 0-d tensors, per-tensor dicts or per-element dicts (see docs/opti
 
 Rules: :mod:`~bilevel.optim.sgd` (torch.optim.SGD), :mod:`~bilevel.optim.adam`
 (torch.optim.Adam / AdamW / AMSGrad), :mod:`~bilevel.optim.alig` (AliG). Optimizer face:
-:class:`AliG`, with :func:`l2_projection` as its regulariser.
+:class:`AliG`, with :func:`l2_projection` as its regulariser. Learned hyperparameters stored
+unconstrained (log10 / sigmoid / softplus; scalar, per tensor, per element):
+:mod:`bilevel.optim.hyperparameters`. The optimiser that learns them online is
+:class:`bilevel.HyperSGD` (in :mod:`bilevel.hypergrad`, since it computes hypergradients).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ returns the hypergradient with respect to the learned raw hyperparameters (``Non
 nothing is learned) and the outer loss:
 
 * ``random`` family: ``T`` plain steps.
-* ``ours`` (Clarke et al.): ``T − 1`` plain steps, then :func:`hypergrad.one_pass` on the last
-  update with the momentum buffer of the earlier steps as a constant (``has_aux``) and
-  ``terms`` Neumann terms; the outer loss is the validation batch at the new weights.
+* ``ours`` (Clarke et al.): ``T`` steps of :class:`bilevel.hypergrad.HyperSGD` (the drop-in
+  users get), whose one-pass hypergradient of the last update (the momentum buffer of the
+  earlier steps a constant, ``terms`` Neumann terms) is taken on the validation batch at the
+  new weights.
 * ``lorraine``: ``T`` plain steps, then :func:`hypergrad.implicit` (Neumann, ``terms`` terms,
   α = 1) at the current weights for the fixed-point map ``Φ = w − η(∇L_T + wd·w)`` of the last
   training batch: Lorraine et al.'s IFT hypergradient with the learning rate absorbed.
@@ -42,18 +43,22 @@ import torch
 from torch import Tensor
 
 from bilevel import hypergrad
-from bilevel.meta.hparams import Hyperparameters
-from bilevel.optim import SGDState, sgd
+from bilevel.hypergrad import HyperSGD
+from bilevel.hypergrad.hypersgd import sgd_update
+from bilevel.optim.hyperparameters import Hyperparameters
 from bilevel.recipes._onepass_task import Batch, Task
 from bilevel.tree import tree_flatten, tree_unflatten
 
 Params = dict[str, Tensor]
-_STEP0 = torch.zeros((), dtype=torch.int64)  # dampening is 0, so the step count is unused
 
 
 @dataclass
 class Inner:
-    """The inner training state, advanced in place by the hyper-step functions."""
+    """The inner training state, advanced in place by the hyper-step functions.
+
+    With ``opt`` (algorithm ``ours``) the weights ``w`` are the leaves that the
+    :class:`HyperSGD` updates in place, and the momentum buffers live in ``opt.buf``.
+    """
 
     task: Task
     hp: Hyperparameters
@@ -62,6 +67,20 @@ class Inner:
     grad_clip: float | None = None
     t: int = 0  # weight steps taken
     last_batch: Batch | None = None
+    opt: HyperSGD | None = None
+
+    def set_weights(self, w: Params, buf: Params) -> None:
+        """Restore weights and momentum buffers (a checkpoint, or a reset to w0)."""
+        if self.opt is None:
+            self.w, self.buf = dict(w), dict(buf)
+            return
+        with torch.no_grad():
+            for k, v in self.w.items():
+                v.copy_(w[k])
+        self.opt.buf = {k: b.clone() for k, b in buf.items()}
+
+    def buffers(self) -> Params:
+        return self.opt.buf if self.opt is not None else self.buf
 
 
 def update(inner: Inner, w: Params, buf: Params, hv: dict[str, Any], batch: Batch, *,
@@ -72,17 +91,12 @@ def update(inner: Inner, w: Params, buf: Params, hv: dict[str, Any], batch: Batc
     loss, aux = inner.task.loss(w, batch)
     grads = dict(zip(w, torch.autograd.grad(loss, list(w.values()), create_graph=create_graph),
                      strict=True))
-    if inner.grad_clip is not None:
-        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        scale = torch.clamp(inner.grad_clip / (norm + 1e-6), max=1.0)
-        grads = {k: g * scale for k, g in grads.items()}
-    new_w, st = sgd.step(w, grads, SGDState(buf, _STEP0), lr=hv["lr"],
-                         momentum=hv["momentum"], weight_decay=hv["weight_decay"])
+    new_w, new_buf = sgd_update(w, grads, buf, hv, grad_clip=inner.grad_clip)
     if commit:
         inner.task.commit(aux)
     if not create_graph:
-        return {k: v.detach() for k, v in new_w.items()}, {k: v.detach() for k, v in st.momentum_buffer.items()}
-    return new_w, st.momentum_buffer
+        return {k: v.detach() for k, v in new_w.items()}, {k: v.detach() for k, v in new_buf.items()}
+    return new_w, new_buf
 
 
 def plain_steps(inner: Inner, n: int) -> None:
@@ -105,18 +119,33 @@ def random(inner: Inner, *, weight_steps: int, **_: Any) -> tuple[None, None]:
     return None, None
 
 
+def train_closure(inner: Inner, batch: Batch) -> Callable[[], Tensor]:
+    """The training loss of ``batch`` at the current weights, committing what it changes.
+
+    Idempotent: every call starts from the buffers of the moment it was made, so HyperSGD
+    may re-run it (to differentiate the update) without advancing BatchNorm twice."""
+    buffers = inner.task.buffers
+
+    def closure() -> Tensor:
+        inner.task.buffers = buffers
+        loss, aux = inner.task.loss(inner.w, batch)
+        inner.task.commit(aux)
+        return loss
+
+    return closure
+
+
 def ours(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[Any, Tensor]:
-    plain_steps(inner, weight_steps - 1)
-    batch, buf_prev = inner.task.train_batch(), inner.buf  # buf_prev: a constant
-
-    def step(w: Params, raw: Any, t: int) -> tuple[Params, Params]:
-        return update(inner, w, buf_prev, inner.hp.values(raw), batch, create_graph=True,
-                      commit=True)
-
-    r = hypergrad.one_pass(step, _val_loss(inner), inner.w, inner.hp.raw_tree(), terms=terms,
-                           t=inner.t, has_aux=True, on_divergence="identity", check_finite=False)
-    inner.w, inner.buf, inner.t = r.state, r.aux, inner.t + 1
-    return r.hypergrad, r.outer_loss
+    opt = inner.opt
+    if opt is None or (opt.hyper_every, opt.terms) != (weight_steps, terms):
+        raise ValueError("algorithm 'ours' runs on the Inner's HyperSGD, built with "
+                         "hyper_every=weight_steps and terms=terms")
+    for _ in range(weight_steps):
+        inner.last_batch = batch = inner.task.train_batch()
+        opt.step(train_closure(inner, batch))
+        inner.t += 1
+    vbatch = inner.task.val_batch()
+    return opt.hypergradient(lambda: inner.task.loss(inner.w, vbatch)[0])
 
 
 def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[Any, Tensor]:
@@ -129,7 +158,7 @@ def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[
         return update(inner, w, zero, hv, batch, create_graph=True, commit=False)[0]
 
     r = hypergrad.implicit(phi, _val_loss(inner), inner.w, inner.hp.raw_tree(),
-                           solver="neumann", iters=terms - 1, alpha=1.0, t=inner.t,
+                           solver="neumann", terms=terms, alpha=1.0, start=inner.t,
                            on_divergence="identity", check_finite=False)
     return r.hypergrad, r.outer_loss
 
@@ -149,7 +178,7 @@ def baydin(inner: Inner, *, weight_steps: int, **_: Any) -> tuple[Any, Tensor]:
         return inner.task.loss(s["w"], batch)[0]
 
     r = hypergrad.greedy(step, train_loss, {"w": inner.w, "buf": inner.buf}, {"lr": lr},
-                         t=inner.t, check_finite=False)
+                         start=inner.t, check_finite=False)
     inner.w, inner.buf, inner.t = r.state["w"], r.state["buf"], inner.t + 1
     return r.hypergrad, r.outer_loss
 

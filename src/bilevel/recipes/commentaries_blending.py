@@ -8,7 +8,7 @@ along the implicit hypergradient of the clean validation loss at the current wei
     Φ(w) = w − α ∇_w L_T(w, M)        (on a fresh blended train batch; α = inner lr)
     dL_V/dM = −(∂²L_T/∂M∂w) · α Σ_{j=0..K} (I − αH)^j ∇_w L_V      (Lorraine et al., K = 1)
 
-computed by :func:`bilevel.hypergrad.implicit` (solver ``neumann`` with ``iters=K`` and the
+computed by :func:`bilevel.hypergrad.implicit` (solver ``neumann`` with ``terms=K+1`` and the
 engine's own ``alpha=1``: the α lives in Φ). A series that grows falls back to K = 0 and
 is logged (``hyper/fallback``). ``blending.warmup_epochs`` delays hyper-steps (the seed's
 ``--warmup_epochs``: hyper-steps happen when ``epoch > warmup_epochs``).
@@ -24,7 +24,6 @@ Outputs beside the usual run files: ``blending.pt`` (``M``, read by
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +34,6 @@ from torch import nn
 
 from bilevel import hypergrad
 from bilevel.data import IndexSampler
-from bilevel.functional import call
 from bilevel.meta import blending
 from bilevel.models import CBRStudent, resnet18
 from bilevel.recipes.commentaries_weighting import ImageDataConfig, load_images
@@ -119,35 +117,28 @@ def perm_for(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-def make_step(net: nn.Module, buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-              perm: torch.Tensor, *, alpha: float) -> Callable[[dict, dict, int], dict]:
-    """Φ(w) = w − α ∇_w L_T(w, M): a gradient step on one blended batch (BN in train mode)."""
+def blend_problem(net: nn.Module, m: torch.Tensor, train: tuple, val: tuple, perm: torch.Tensor,
+                  *, alpha: float) -> hypergrad.Problem:
+    """The kit's problem at the network's current weights: ``Φ(w) = w − α ∇_w L_T(w, M)``, a
+    gradient step on one blended batch, and the clean cross-entropy of one validation batch
+    (BN in train mode, as the seed; running statistics are not part of the fixed point)."""
+    (x, y), (xv, yv) = train, val
 
-    def step(w: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    def train_loss(model: nn.Module, hp: dict[str, torch.Tensor], _t: int) -> torch.Tensor:
         xb, lam = blending.blend(x, y, hp["M"], perm)
-        out, _ = call(net, w, buffers, xb)
-        loss = blending.blended_loss(out, y, perm, lam)
-        grads = torch.autograd.grad(loss, list(w.values()), create_graph=True)
-        return {k: v - alpha * g for (k, v), g in zip(w.items(), grads, strict=True)}
+        return blending.blended_loss(model(xb), y, perm, lam)
 
-    return step
-
-
-def make_val_loss(net: nn.Module, buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-                  ) -> Callable[[dict, dict], torch.Tensor]:
-    """Clean cross-entropy on one validation batch (train-mode BN, as the seed)."""
-    return lambda w, hp: F.cross_entropy(call(net, w, buffers, x)[0], y)
+    net.train()
+    return hypergrad.problem(net, train_loss, lambda model, hp: F.cross_entropy(model(xv), yv),
+                             hparams={"M": m}, lr=alpha)
 
 
 def hyper_step(net: nn.Module, m: torch.Tensor, train: tuple, val: tuple, perm: torch.Tensor, *,
                cfg: HypergradConfig, alpha: float) -> hypergrad.HypergradResult:
     """The implicit hypergradient ``dL_V/dM`` at the network's current weights."""
-    w = {k: v.detach() for k, v in net.named_parameters()}
-    buffers = {k: v.detach() for k, v in net.named_buffers()}
-    net.train()
-    return hypergrad.implicit(make_step(net, buffers, *train, perm, alpha=alpha),
-                              make_val_loss(net, buffers, *val), w, {"M": m}, solver=cfg.solver,
-                              iters=cfg.iters, alpha=1.0, on_divergence="identity", check_finite=False)
+    return hypergrad.implicit(*blend_problem(net, m, train, val, perm, alpha=alpha), solver=cfg.solver,
+                              alpha=1.0, on_divergence="identity", check_finite=False,
+                              **({"terms": cfg.iters + 1} if cfg.solver == "neumann" else {"iters": cfg.iters}))
 
 
 @torch.no_grad()
@@ -218,10 +209,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                            perm_for(seed, step, 1, len(ih)).to(device), cfg=config.hypergrad, alpha=alpha)
             window["fallbacks"] += float("fallback" in r.info)
             if all_finite(r.hypergrad):
-                opt_m.zero_grad(set_to_none=True)
-                m.grad = r.hypergrad["M"].detach().clone()
-                if config.outer.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([m], config.outer.grad_clip)
+                hypergrad.write_grad(r, {"M": m}, max_norm=config.outer.grad_clip)
                 opt_m.step()
             else:
                 on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")

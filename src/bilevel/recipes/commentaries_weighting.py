@@ -148,34 +148,29 @@ def sum_nll_by_batch(student: torch.nn.Module, params: dict, buffers: dict,
 
 
 def make_inner_step(
-    student: torch.nn.Module, teacher: torch.nn.Module, teacher_buffers: dict,
+    student: torch.nn.Module, teacher: torch.nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
     betas: tuple[float, float] = (0.9, 0.999), trace: dict | None = None,
 ) -> Callable[[dict[str, Any], dict[str, torch.Tensor], int], dict[str, Any]]:
-    """The inner step ``state_{t+1} = step(state_t, φ, t)`` of Alg. 1 (pure).
+    """The inner step ``state_{t+1} = step(state_t, φ, t)`` of Alg. 1, from the module kit.
 
-    ``state = {"params", "buffers", "opt"}`` (student weights, BN buffers, Adam state);
-    batch ``t`` of ``batches`` is weighted by ``c = teacher_φ(x, t / steps)`` and the student
-    takes one differentiable Adam step on ``Σ_b c_b·NLL_b``. ``trace[t]`` receives the
-    (detached) weights and labels, for the curriculum plots.
+    ``state = {"params", "buffers", "opt"}`` (student weights, BN buffers, Adam state), ``φ``
+    the teacher's parameters by name; batch ``t`` of ``batches`` is weighted by
+    ``c = teacher_φ(x, t / steps)`` (teacher in train mode) and the student takes one
+    differentiable Adam step on ``Σ_b c_b·NLL_b``. ``trace[t]`` receives the (detached)
+    weights and labels, for the curriculum plots.
     """
 
-    def inner_step(state: dict[str, Any], hp: dict[str, torch.Tensor], t: int) -> dict[str, Any]:
-        x, y = batches[t]
-        c = weighting.example_weights(teacher, hp, teacher_buffers, x,
-                                      progress=weighting.progress(t, steps))  # [B]
+    def train_loss(s: torch.nn.Module, tch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   t: int) -> torch.Tensor:
+        tch.train()  # the seed's: per-batch BN statistics
+        c = tch(x, weighting.progress(t, steps))[:, 0]  # [B]
         if trace is not None:
             trace[t] = (c.detach(), y)
+        return weighting.weighted_nll(s(x), y, c)
 
-        def loss(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            out, new_buffers = call(student, p, state["buffers"], x)
-            return weighting.weighted_nll(out, y, c), new_buffers
-
-        grads, new_buffers = torch.func.grad(loss, has_aux=True)(state["params"])
-        params, opt_state = adam.step(state["params"], grads, state["opt"], lr=lr, betas=betas)
-        return {"params": params, "buffers": new_buffers, "opt": opt_state}
-
-    return inner_step
+    return hypergrad.problem(student, train_loss, lambda s, tch: s, hparams=teacher, rule=adam,
+                             batches=lambda t: (*batches[t], t), lr=lr, betas=betas).step
 
 
 @torch.no_grad()
@@ -205,7 +200,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     trace: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # t -> (weights, labels), last unroll
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    inner_step = make_inner_step(student, teacher, teacher_buffers, batches, steps=steps,
+    inner_step = make_inner_step(student, teacher, batches, steps=steps,
                                  lr=config.inner.lr, betas=config.inner.betas, trace=trace)
 
     def meta_loss(state: dict[str, Any], hp: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -239,11 +234,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         if not all_finite(r.hypergrad, r.outer_loss):
             on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")
         else:
-            opt.zero_grad(set_to_none=True)
-            for k, v in phi.items():
-                v.grad = r.hypergrad[k].detach().clone()
-            if config.outer.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(phi.values()), config.outer.grad_clip)
+            hypergrad.write_grad(r, phi, max_norm=config.outer.grad_clip)
             opt.step()
         last = step == config.run.max_steps
         if step % config.logging.every == 0 or last:

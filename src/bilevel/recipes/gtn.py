@@ -207,29 +207,25 @@ def learner_seed(run_seed: int, outer_step: int) -> int:
 
 
 def make_inner_step(learner: GTNLearner, teacher: Teacher, config: Config,
-                    drawn: Tensor | None, order: list[int] | None = None, *,
-                    create_graph: bool = True) -> Any:
-    """The pure step map ``state_{t+1} = step(state_t, hp, t)`` of the inner loop.
+                    drawn: Tensor | None, order: list[int] | None = None) -> Any:
+    """The pure step map ``state_{t+1} = step(state_t, hp, t)`` of the inner loop, from the
+    module kit: SGD with the teacher's learned lr and momentum on the synthetic batch ``t``.
 
     ``order[t]`` is the curriculum step shown at inner step ``t`` (the shuffle test);
     ``None`` is the learned order.
     """
     kl = config.learner.loss == "kl_div"
 
-    def step(state: dict[str, Any], hp: dict[str, Tensor], t: int) -> dict[str, Any]:
+    def train_loss(model: GTNLearner, hp: dict[str, Tensor], t: int) -> Tensor:
         x, y = teacher.batch(hp, t if order is None else order[t], drawn)  # [B, 1, H, W], [B]
-        params = state["params"]
-        learner.train()
-        out, buffers = call(learner, params, state["buffers"], x)  # log-probs [B, 10]
+        model.train()
+        out = model(x)  # log-probs [B, 10]
         loss = F.nll_loss(out, y)
-        if kl:  # the seed's KLDiv(log-probs, onehot), mean over B*C elements, is CE / C
-            loss = loss / out.shape[1]
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        new_params, opt = sgd.step(params, dict(zip(params, grads, strict=True)), state["opt"],
-                                   lr=Teacher.learner_lr(hp), momentum=Teacher.learner_momentum(hp))
-        return {"params": new_params, "buffers": buffers, "opt": opt}
+        # the seed's KLDiv(log-probs, onehot), mean over B*C elements, is CE / C
+        return loss / out.shape[1] if kl else loss
 
-    return step
+    return hypergrad.problem(learner, train_loss, lambda model, hp: hp, hparams=teacher.hparams(),
+                             rule=sgd, lr=Teacher.learner_lr, momentum=Teacher.learner_momentum).step
 
 
 def make_meta_loss(learner: GTNLearner, x: Tensor, y: Tensor, sink: dict[str, Tensor]) -> Any:
@@ -263,7 +259,7 @@ def train_learner(learner: GTNLearner, teacher: Teacher, config: Config, *, seed
                   drawn: Tensor | None, order: list[int] | None = None) -> dict[str, Any]:
     """Train a fresh learner on the curriculum (no hypergradient) and return its state."""
     hp = {k: v.detach() for k, v in teacher.hparams().items()}
-    step = make_inner_step(learner, teacher, config, drawn, order, create_graph=False)
+    step = make_inner_step(learner, teacher, config, drawn, order)
     state = fresh_learner(learner, seed=seed)
     for t in range(config.hypergrad.steps):
         state["params"] = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
@@ -341,10 +337,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         grads = [r.hypergrad[k] for k in hp]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if all_finite(grads) and bool(torch.isfinite(r.outer_loss)):
-            for p, g in zip(hp.values(), grads, strict=True):
-                p.grad = g
-            if config.outer.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(hp.values()), config.outer.grad_clip)
+            hypergrad.write_grad(r, hp, max_norm=config.outer.grad_clip)
             opt.step()
         else:  # skip: the teacher does not move; abort raises
             on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")

@@ -32,12 +32,13 @@ import torch
 from pydantic import Field, model_validator
 
 from bilevel.errors import NonFiniteError
-from bilevel.meta.hparams import HParamSpec, Hyperparameters
+from bilevel.hypergrad import HyperSGD, write_grad
+from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
 from bilevel.recipes._onepass_task import DataSection, ModelSection, build_task
 from bilevel.run import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
 from bilevel.run.faults import kill_point
-from bilevel.tree import tree_all_finite, tree_leaves
+from bilevel.tree import tree_all_finite
 
 HName = Literal["lr", "weight_decay", "momentum"]
 SEARCH_SPACE: dict[str, dict[str, Any]] = {  # Clarke et al.'s natural_sgd_generator
@@ -130,6 +131,17 @@ def hyperparameters(config: Config, like: dict[str, torch.Tensor]) -> Hyperparam
                             "momentum": spec("momentum", i.momentum, "sigmoid")}, like=like)
 
 
+def drop_in(config: Config, w: dict[str, torch.Tensor]) -> HyperSGD:
+    """Algorithm ``ours`` as users run it: :class:`HyperSGD` over the weight leaves ``w``,
+    with Clarke et al.'s parametrisation and schedule (as :func:`hyperparameters`)."""
+    a, i = config.algorithm, config.inner
+    return HyperSGD(w.items(), lr=i.lr, weight_decay=i.weight_decay, momentum=i.momentum,
+                    learn=a.learn, granularity=dict.fromkeys(a.per_weight, "element"),
+                    method="one_pass", terms=a.terms, hyper_every=a.weight_steps,
+                    hyper_optimizer=a.outer, hyper_lr=a.outer_lr, lr_bounds=(1e-10, 1.0),
+                    grad_clip=i.grad_clip, on_divergence="identity", on_nonfinite="skip")
+
+
 def outer_optimizer(hp: Hyperparameters, algorithm: AlgorithmSection) -> torch.optim.Optimizer | None:
     """Adam (or SGD) at ``algorithm.outer_lr`` over the learned raw hyperparameters, if any."""
     cls = torch.optim.Adam if algorithm.outer == "adam" else torch.optim.SGD
@@ -151,9 +163,7 @@ def hyper_update(hp: Hyperparameters, outer: torch.optim.Optimizer | None, hg: A
                                  "(set run.nan_policy: skip to skip such updates)",
                                  step=step, what="hypergradient")
         return False
-    outer.zero_grad(set_to_none=True)
-    for p, g in zip(tree_leaves(hp.raw_tree()), tree_leaves(hg), strict=True):
-        p.grad = g.detach().clone()
+    write_grad(hg, hp.raw_tree())
     outer.step()
     hp.clip_()
     return True
@@ -166,22 +176,33 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     task = build_task(config.data, config.model, train_on_val=a.train_on_val,
                       seed=config.run.seed, device=device)
     w0 = {k: v.detach().clone() for k, v in task.model.named_parameters()}
-    hp = hyperparameters(config, w0).to(device)
-    inner = Inner(task, hp, dict(w0), {k: torch.zeros_like(v) for k, v in w0.items()},
-                  config.inner.grad_clip)
-    outer = outer_optimizer(hp, a)
+    zeros = {k: torch.zeros_like(v) for k, v in w0.items()}
+    if a.name == "ours":  # the drop-in users get; it holds the hyperparameters and Adam
+        leaves = {k: v.clone().requires_grad_() for k, v in w0.items()}
+        opt = drop_in(config, leaves)
+        hp, outer = opt.hp, opt.hyper_opt
+        inner = Inner(task, hp, leaves, zeros, config.inner.grad_clip, opt=opt)
+    else:
+        hp = hyperparameters(config, w0).to(device)
+        inner = Inner(task, hp, dict(w0), zeros, config.inner.grad_clip)
+        outer = outer_optimizer(hp, a)
     hyper_step = ALGORITHMS[a.name]
     n_hyper = a.hyper_steps or config.run.max_steps // a.weight_steps
     counts = {"skipped": 0}
 
     def snapshot() -> dict[str, Any]:
-        return {"w": inner.w, "buf": inner.buf, "t": inner.t, "hp": hp.state_dict(),
-                "outer": outer.state_dict() if outer else {}, "task": task.state_dict(), **counts}
+        return {"w": {k: v.detach() for k, v in inner.w.items()}, "buf": inner.buffers(),
+                "t": inner.t, "hp": hp.state_dict(), "outer": outer.state_dict() if outer else {},
+                "opt": inner.opt.state_dict() if inner.opt else {}, "task": task.state_dict(),
+                **counts}
 
     start = 0
     if (ckpt := run_dir.restore()) is not None:
         s = ckpt.state
-        inner.w, inner.buf, inner.t = dict(s["w"]), dict(s["buf"]), int(s["t"])
+        if inner.opt:
+            inner.opt.load_state_dict(s["opt"])
+        inner.set_weights(s["w"], s["buf"])
+        inner.t = int(s["t"])
         hp.load_state_dict(s["hp"])
         if outer:
             outer.load_state_dict(s["outer"])
@@ -193,7 +214,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for step in run_dir.steps(start, n_hyper):
         if a.reset_model and step > 1:  # Long Diff-through-Opt: every hyper-step from w0
-            inner.w, inner.buf = dict(w0), {k: torch.zeros_like(v) for k, v in w0.items()}
+            inner.set_weights(w0, zeros)
         logged_before = inner.t // config.logging.every
         hg, outer_loss = hyper_step(inner, weight_steps=a.weight_steps, terms=a.terms,
                                     lookback=a.lookback)

@@ -145,16 +145,19 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         return {"params": dict(params), "log_lr": log_lr.detach().clone(),
                 "outer_opt": opt.state_dict(), "sampler": sampler.state_dict(), **extra}
 
-    def sgd_step(state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], t: int
-                 ) -> dict[str, torch.Tensor]:
-        w = {k: v.detach().requires_grad_() for k, v in state.items()}
-        loss = mse(w, *batch, train=True)
-        grads = torch.autograd.grad(loss, list(w.values()))
-        lr = 10.0 ** hp["log_lr"]
-        return {k: state[k] - lr * g for (k, g) in zip(w, grads, strict=True)}
+    def loss_of(m: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool) -> torch.Tensor:
+        m.train(train)
+        return ((m(x) - y) ** 2).mean()
 
-    def val_loss(state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mse(state, *data["val"], train=False)
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's batch, set in the loop
+    # The inner SGD step and the validation loss, from the module kit (lr = 10 ** log_lr).
+    prob = hypergrad.problem(model, lambda m, hp, x, y: loss_of(m, x, y, train=True),
+                             lambda m, hp: loss_of(m, *data["val"], train=False),
+                             hparams={"log_lr": log_lr}, batches=lambda t: batch,
+                             lr=lambda hp: 10.0 ** hp["log_lr"])
+
+    def state_of(w: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {**prob.state, "params": w}  # no momentum: the rule's state stays at init
 
     start = 0
     if (ckpt := run_dir.restore()) is not None:
@@ -171,22 +174,22 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 kill_point("inner")
                 hp = {"log_lr": log_lr.detach()}
                 if i < config.hypergrad.steps - 1:
-                    params = {k: v.detach() for k, v in sgd_step(params, hp, step).items()}
-            r = hypergrad.greedy(sgd_step, val_loss, params, {"log_lr": log_lr}, t=step,
-                                 check_finite=False)
+                    new = prob.step(state_of(params), hp, step)["params"]
+                    params = {k: v.detach() for k, v in new.items()}
+            r = hypergrad.greedy(prob.step, prob.outer_loss, state_of(params), {"log_lr": log_lr},
+                                 start=step, check_finite=False)
             hg = r.hypergrad["log_lr"]
             if triggered("nan_hypergrad"):
                 hg = hg * math.nan
-            finite = all_finite(hg, r.state)
+            finite = all_finite(hg, r.state["params"])
             if not finite and on_nonfinite(run_dir, config.run.nan_policy, step=step,
                                            what="hypergradient",
                                            rollbacks=extra["rollbacks"]) == "rollback":
                 bad_step = step
                 break
             if finite:  # skip: neither the weights nor the lr move this step
-                params = r.state
-                opt.zero_grad(set_to_none=True)
-                log_lr.grad = hg.detach().clone()
+                params = r.state["params"]
+                hypergrad.write_grad({"log_lr": hg}, {"log_lr": log_lr})
                 opt.step()
                 with torch.no_grad():
                     log_lr.clamp_(config.hparam.low, config.hparam.high)
