@@ -18,7 +18,14 @@ from bilevel import hypergrad
 from bilevel.data import Split
 from bilevel.hypergrad import HyperSGD
 from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
-from bilevel.recipes._onepass_algos import Inner, baydin, diff_through_opt, lorraine, ours
+from bilevel.recipes._onepass_algos import (
+    Inner,
+    baydin,
+    baydin_through_update,
+    diff_through_opt,
+    lorraine,
+    ours,
+)
 from bilevel.recipes._onepass_task import Task
 
 LN10 = math.log(10.0)
@@ -121,7 +128,7 @@ def test_lorraine_is_the_neumann_ift_of_a_gradient_step() -> None:
     assert float(hg["weight_decay"]) == pytest.approx(float(-(lr * w * wd * LN10 * p).sum()), rel=1e-9)
 
 
-def test_baydin_writes_d_loss_d_lr_into_log_lr() -> None:
+def test_baydin_through_update_writes_d_loss_d_lr_into_log_lr() -> None:
     inner, data, values = _problem(learn=("lr",))
     x, y, _, _ = data
     lr, wd, mu = values
@@ -129,8 +136,27 @@ def test_baydin_writes_d_loss_d_lr_into_log_lr() -> None:
     d = mu * b0 + 2 * x.T @ (x @ w0 - y) / len(x) + wd * w0
     w1 = w0 - lr * d
     g1 = 2 * x.T @ (x @ w1 - y) / len(x)
-    hg, _ = baydin(inner, weight_steps=1)
+    hg, _ = baydin_through_update(inner, weight_steps=1)
     assert float(hg["lr"]) == pytest.approx(float(-(g1 * d).sum()), rel=1e-9)  # natural-lr derivative
+
+
+def test_baydin_is_the_authors_raw_consecutive_gradient_product() -> None:
+    """Clarke et al.'s code: −⟨∇L(w₁), ∇L(w₀)⟩ of the raw gradients, momentum and weight decay
+    in the step but not in the hypergradient; the step itself is the usual update."""
+    inner, data, values = _problem(learn=("lr",))
+    x, y, _, _ = data
+    lr, wd, mu = values
+    w0, b0 = inner.w["weight"].reshape(3, 1), inner.buf["weight"].reshape(3, 1)
+    g0 = 2 * x.T @ (x @ w0 - y) / len(x)
+    d = mu * b0 + g0 + wd * w0
+    w1 = w0 - lr * d
+    g1 = 2 * x.T @ (x @ w1 - y) / len(x)
+    hg, _ = baydin(inner, weight_steps=1)
+    assert float(hg["lr"]) == pytest.approx(float(-(g1 * g0).sum()), rel=1e-9)
+    assert float(hg["lr"]) != pytest.approx(float(-(g1 * d).sum()), rel=1e-3)
+    torch.testing.assert_close(inner.w["weight"], w1.reshape(1, 3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(inner.buf["weight"], d.reshape(1, 3), rtol=1e-12, atol=0)
+    assert inner.t == 1
 
 
 def test_diff_through_opt_equals_unrolled_through_lookback() -> None:

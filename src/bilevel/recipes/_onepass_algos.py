@@ -19,9 +19,16 @@ nothing is learned) and the outer loss:
 * ``lorraine``: ``T`` plain steps, then :func:`hypergrad.implicit` (Neumann, ``terms`` terms,
   α = 1) at the current weights for the fixed-point map ``Φ = w − η(∇L_T + wd·w)`` of the last
   training batch: Lorraine et al.'s IFT hypergradient with the learning rate absorbed.
-* ``baydin``: one step, :func:`hypergrad.greedy` with the *training* loss at the new weights as
-  outer loss, differentiated with respect to the natural learning rate; Clarke et al. write
-  that derivative directly into the raw ``log10`` learning rate, and so do we.
+* ``baydin`` (Baydin et al.'s SGD-HD as Clarke et al.'s code computes it): one plain step,
+  then the hypergradient ``−⟨∇L_T(w_{t+1}), ∇L_T(w_t)⟩`` of two *raw* consecutive training
+  gradients (no momentum, weight decay or clipping in it), written directly into the raw
+  ``log10`` learning rate, as the authors do. The gradient at the new weights is taken on the
+  same minibatch (the authors draw another training minibatch; in full-batch UCI runs the two
+  are the same). The config trains on train+validation, as theirs.
+* ``baydin_through_update``: our earlier form: :func:`hypergrad.greedy` with the training loss
+  at the new weights, i.e. ``−⟨∇L_T(w_{t+1}), ∂w_{t+1}/∂η⟩`` through the whole update
+  (momentum buffer, weight decay, clipping) — the exact one-step derivative, which the
+  authors' formula approximates by dropping momentum and weight decay.
 * ``diff_through_opt``: ``T − lookback`` plain steps, then :func:`hypergrad.unrolled` through
   the last ``lookback`` updates (state = weights and momentum buffers).
 * ``ours_initial_code``: *not a correct hypergradient*, offered only to reproduce the paper's
@@ -166,6 +173,26 @@ def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[
 def baydin(inner: Inner, *, weight_steps: int, **_: Any) -> tuple[Any, Tensor]:
     plain_steps(inner, weight_steps - 1)
     batch = inner.task.train_batch()
+    w = {k: v.detach().requires_grad_() for k, v in inner.w.items()}
+    loss, aux = inner.task.loss(w, batch)
+    g_old = torch.autograd.grad(loss, list(w.values()))
+    with torch.no_grad():
+        new_w, new_buf = sgd_update(w, dict(zip(w, g_old, strict=True)), inner.buf,
+                                    inner.hp.values(), grad_clip=inner.grad_clip)
+    inner.w = {k: v.detach().requires_grad_() for k, v in new_w.items()}
+    loss_new = inner.task.loss(inner.w, batch)[0]  # an evaluation: its state is not kept
+    g_new = torch.autograd.grad(loss_new, list(inner.w.values()))
+    inner.task.commit(aux)  # the step's own state (BatchNorm statistics, LSTM hidden state)
+    inner.w = {k: v.detach() for k, v in inner.w.items()}
+    inner.buf, inner.t = {k: v.detach() for k, v in new_buf.items()}, inner.t + 1
+    h = -sum((a * b).sum() for a, b in zip(g_new, g_old, strict=True))
+    raw = inner.hp.raw_tree()
+    return {"lr": h.detach().reshape(raw["lr"].shape).to(raw["lr"].dtype)}, loss_new.detach()
+
+
+def baydin_through_update(inner: Inner, *, weight_steps: int, **_: Any) -> tuple[Any, Tensor]:
+    plain_steps(inner, weight_steps - 1)
+    batch = inner.task.train_batch()
     hv = inner.hp.values()
     lr = hv["lr"].detach().clone().requires_grad_()
 
@@ -232,6 +259,7 @@ def ours_initial_code(inner: Inner, *, weight_steps: int, terms: int, **_: Any
 
 ALGORITHMS: dict[str, Callable[..., tuple[Any, Any]]] = {
     "random": random, "random_stepped_lr": random, "random_validation": random,
-    "lorraine": lorraine, "baydin": baydin, "ours": ours, "diff_through_opt": diff_through_opt,
+    "lorraine": lorraine, "baydin": baydin, "baydin_through_update": baydin_through_update,
+    "ours": ours, "diff_through_opt": diff_through_opt,
     "ours_initial_code": ours_initial_code,
 }

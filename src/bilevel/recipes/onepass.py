@@ -47,7 +47,8 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {  # Clarke et al.'s natural_sgd_gener
     "inner.momentum": {"dist": "uniform", "low": 0.0, "high": 1.0},
     "algorithm.lr_multiplier": {"dist": "uniform", "low": 0.995, "high": 1.001},
 }
-_HYPERGRAD = ("lorraine", "baydin", "ours", "diff_through_opt", "ours_initial_code")
+_HYPERGRAD = ("lorraine", "baydin", "baydin_through_update", "ours", "diff_through_opt",
+              "ours_initial_code")
 
 
 class InnerSection(Section):
@@ -63,7 +64,8 @@ class AlgorithmSection(Section):
     """Which algorithm, what it learns and its schedule (seeds.md §3.2)."""
 
     name: Literal["random", "random_stepped_lr", "random_validation", "lorraine", "baydin",
-                  "ours", "diff_through_opt", "ours_initial_code"] = "ours"
+                  "baydin_through_update", "ours", "diff_through_opt",
+                  "ours_initial_code"] = "ours"
     learn: list[HName] = Field(default_factory=lambda: ["lr", "weight_decay", "momentum"])
     per_weight: list[HName] = Field(default_factory=list, description="HDLR: [lr]")
     weight_steps: int = Field(10, gt=0, description="T: weight steps per hyper-step")
@@ -83,8 +85,9 @@ class AlgorithmSection(Section):
             raise ValueError(f"algorithm {name!r} needs algorithm.learn (e.g. [lr, weight_decay])")
         if name not in _HYPERGRAD and learns:
             raise ValueError(f"algorithm {name!r} learns nothing: set algorithm.learn: []")
-        if name == "baydin" and self.learn != ["lr"]:
-            raise ValueError("algorithm 'baydin' learns the learning rate only: algorithm.learn: [lr]")
+        if name.startswith("baydin") and (self.learn != ["lr"] or self.per_weight):
+            raise ValueError(f"algorithm {name!r} learns one learning rate only: "
+                             "algorithm.learn: [lr], algorithm.per_weight: []")
         if not set(self.per_weight) <= set(self.learn):
             raise ValueError(f"algorithm.per_weight {self.per_weight} must be a subset of "
                              f"algorithm.learn {self.learn}")

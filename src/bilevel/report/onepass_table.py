@@ -33,6 +33,7 @@ from bilevel.report.stats import BootstrapSummary, bootstrap_band, bootstrap_sum
 LABELS = {  # sweep variant (config stem) -> the paper's name, in the paper's row order
     "random": "Random", "random_lr": "Random (×LR)", "random_3_batched": "Random (3-batched)",
     "random_validation": "Random_Validation", "lorraine": "Lorraine", "baydin": "Baydin",
+    "baydin_through_update": "Baydin (through the update)",
     "ours_wd_lr": "Ours WD+LR", "ours_wd_lr_m": "Ours WD+LR+M",
     "ours_wd_hdlr_m": "Ours WD+HDLR+M", "diff_through_opt": "Diff-through-Opt",
     "long_diff_through_opt_uci": "Long Diff-through-Opt",
