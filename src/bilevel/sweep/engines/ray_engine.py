@@ -176,4 +176,26 @@ def run_ray(*, space: Space, root: str | Path, configs: Sequence[str], scheduler
     return tuner.fit()
 
 
-__all__ = ["run_ray"]
+
+def ray_best(grid: Any, root: Path) -> dict[str, Any] | None:
+    """The best trial of a Ray ResultGrid (lowest last ``objective``), as the local engine's
+    ``best.json`` entry: ``{"value", "job", "run_dir", "summary"}``."""
+    try:
+        r = grid.get_best_result(metric="objective", mode="min", scope="last")
+    except RuntimeError:  # no trial reported
+        return None
+    if r.metrics is None or "objective" not in r.metrics:
+        return None
+    trial_id = str(r.metrics["trial_id"])
+    index = _trial_index(trial_id)
+    segs = sorted((Path(root) / "runs" / trial_id).glob("seg-*"))
+    summary_file = segs[-1] / "summary.json" if segs else None
+    summary = (json.loads(summary_file.read_text())
+               if summary_file is not None and summary_file.is_file() else {})
+    job = Job(id=index, trial=index, budget=int(r.metrics["resource"]),
+              config={k: float(v) for k, v in r.config.items()})
+    return {"value": float(r.metrics["objective"]), "job": job.to_json(),
+            "run_dir": str(segs[-1]) if segs else None, "summary": summary}
+
+
+__all__ = ["ray_best", "run_ray"]
