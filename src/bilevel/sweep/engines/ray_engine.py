@@ -22,14 +22,22 @@ Ray port beyond a trusted network: Ray's cluster API runs arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, SweepStoppedError
 from bilevel.sweep.engines._jobs import JobSpec, execute, job_overrides, warm_start
 from bilevel.sweep.schedulers import Job, Space
 
@@ -42,6 +50,153 @@ def _require_ray() -> Any:
         raise ConfigError("--engine ray needs Ray Tune: pip install 'bilevel[ray]' "
                           "(or 'ray[tune]')") from None
     return ray
+
+
+# -- a private local instance that leaves nothing behind ---------------------------------
+
+_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1
+
+# The reaper: a small process that, while the driver lives, remembers every descendant of the
+# driver (pid and start time, polled every 0.5 s), and when its stdin (a pipe only the driver
+# holds) closes, i.e. the driver exited or was killed, ends those still alive. Ray fate-shares
+# its GCS and raylet with the driver, but its dashboard and runtime-env agents hang in their
+# exit once the raylet is gone (Ray 2.60: "The parent is dead", then alive under pid 1), and
+# their environment and command line are overwritten by setproctitle, so only the process
+# tree recorded beforehand identifies them.
+_REAP = r"""
+import os, select, signal, sys, time
+if os.fork():
+    os._exit(0)  # the driver waits for this parent only: no child of its own left running
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+root = int(sys.argv[1])
+def table():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+                out[int(d)] = (int(rest[1]), rest[19])  # ppid, start time
+            except (OSError, IndexError):
+                pass
+    return out
+seen = {}
+while not select.select([sys.stdin], [], [], 0.5)[0]:
+    procs, kids = table(), {}
+    for pid, (ppid, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    todo = list(kids.get(root, []))
+    while todo:
+        pid = todo.pop()
+        seen[pid] = procs[pid][1]
+        todo.extend(kids.get(pid, []))
+if sys.stdin.buffer.read(1):
+    sys.exit(0)  # not EOF: told to stand down
+for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.5)):
+    procs = table()
+    for pid, start in seen.items():
+        if pid != os.getpid() and pid in procs and procs[pid][1] == start:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    time.sleep(wait)
+"""
+_reaper_pipe: list[int] = []
+
+
+def _start_reaper() -> None:
+    """Start this driver's reaper (once; Linux, where /proc exists)."""
+    if _reaper_pipe or not Path("/proc/self/stat").exists():
+        return
+    read, write = os.pipe()  # not inheritable: Ray's processes never hold the write end
+    subprocess.run([sys.executable, "-c", _REAP, str(os.getpid())], stdin=read,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                   start_new_session=True)  # outlives a Ctrl-C or kill of our group
+    os.close(read)
+    _reaper_pipe.append(write)  # held open until this process ends
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make Ray take 127.0.0.1 as this node's address while it starts or connects.
+
+    Ray rewrites ``127.0.0.1`` to the host's address and then listens on all interfaces (or,
+    joining a head on loopback, retries the host's address for minutes). Its switch
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps loopback; Ray reads it at import, so the
+    constant is patched too, and both are restored afterwards.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_LOOPBACK), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK] = "0"  # for the Python processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_LOOPBACK, None)
+        else:
+            os.environ[_LOOPBACK] = saved_env
+
+
+def start_local(*, num_cpus: int | None = None) -> None:
+    """Start a private single-node Ray instance: every socket on loopback, no dashboard,
+    never attached to a stale cluster left in /tmp/ray, and its processes ended when this
+    driver ends, even by SIGKILL (Linux).
+
+    Ray resolves ``_node_ip_address="127.0.0.1"`` to the host's address and then listens on
+    all interfaces; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read by Ray at import, so
+    also patched here) its node address is loopback and every server binds to it.
+    """
+    ray = _require_ray()
+    _start_reaper()
+    with _loopback_node():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def connect(address: str, *, timeout: float = 10.0) -> None:
+    """Join the Ray cluster at ``HOST:PORT``, or raise ConfigError within ``timeout`` s.
+
+    Ray itself retries an unreachable GCS for minutes, so the address is first checked with
+    a plain TCP connection. Token authentication (``RAY_AUTH_MODE=token``, Ray's default for
+    ``ray start``) needs the head's token here: ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``.
+    """
+    ray = _require_ray()
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: give HOST:PORT of the head's GCS "
+                          "(`ray start --head --port PORT`)")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+            break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"--ray-address {address}: cannot reach a Ray head there within "
+                    f"{timeout:.0f} s ({exc}); start one with `ray start --head --port "
+                    f"{port}`, check the address, or leave --ray-address out to run a "
+                    "private local instance") from None
+            time.sleep(0.5)
+    try:
+        with _loopback_node() if _is_loopback(host) else contextlib.nullcontext():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--ray-address {address}: Ray refused to connect ({exc}); if it "
+                          "says InvalidAuthToken, give this process the head's token "
+                          "(RAY_AUTH_TOKEN or ~/.ray/auth_token), see docs/sweeps.md") from None
 
 
 def _trial_index(trial_id: str) -> int:
@@ -69,6 +224,22 @@ def _restore(spec: dict[str, Any], config: dict[str, float], run: Path, job: Job
     return start
 
 
+_SHARED = "bilevel: a cause every trial shares, exit code"
+
+
+def _shared_cause(grid: Any) -> SweepStoppedError | None:
+    """The first trial error that every trial would share (missing data, a bad config)."""
+    for err in grid.errors:
+        found = re.search(re.escape(_SHARED) + r" (\d+): (.*)", str(err))
+        if found:
+            return SweepStoppedError(
+                f"the trials could not start, for a cause every trial shares: "
+                f"{found.group(2).strip()}\nFix this and run the same command again: Ray "
+                "resumes the experiment (errored trials are rerun).",
+                exit_code=int(found.group(1)))
+    return None
+
+
 def _trainable(config: dict[str, float], spec: dict[str, Any]) -> None:
     """Ray function trainable: train in chunks, report and checkpoint after each."""
     import torch
@@ -89,6 +260,8 @@ def _trainable(config: dict[str, float], spec: dict[str, Any]) -> None:
             js = JobSpec(job, str(run), tuple(spec["configs"]), tuple(spec["overrides"]),
                          spec["metric"], spec["seed"], snapshot=str(Path(tmp) / "checkpoint.pt"))
             result = execute(js)
+            if result.exit_code:  # found again by run_ray: one message, the right exit code
+                raise RuntimeError(f"{_SHARED} {result.exit_code}: {result.error}")
             if result.error:
                 raise RuntimeError(result.error)
             (Path(tmp) / "bilevel.json").write_text(json.dumps(
@@ -99,28 +272,36 @@ def _trainable(config: dict[str, float], spec: dict[str, Any]) -> None:
         start = budget
 
 
-def _scheduler(name: str, space: Space, *, max_resource: int, min_resource: int,
-               reduction_factor: int, interval: int, seed: int) -> tuple[Any, Any]:
+def _scheduler(name: str, space: Space, *, n_trials: int, max_resource: int,
+               min_resource: int, reduction_factor: int, interval: int,
+               seed: int) -> tuple[Any, Any]:
+    """Ray's scheduler and searcher for ``name``. Trial ``t`` (Ray numbers trials in the
+    order it creates them) starts from initialisation ``t`` (``Space.draw(t, seed)``): every
+    trial for random/ASHA, the population for PBT, the first 5 for BO, whose later proposals
+    come from TPE seeded by ``seed``."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator
 
+    draws = [space.draw(t, seed=seed) for t in range(n_trials)]
+    given = BasicVariantGenerator(points_to_evaluate=draws, random_state=seed)
     if name == "asha":
         return ASHAScheduler(time_attr="resource", max_t=max_resource, grace_period=min_resource,
-                             reduction_factor=reduction_factor), None
+                             reduction_factor=reduction_factor), given
     if name == "pbt":
         def explore(cfg: dict[str, Any]) -> dict[str, Any]:  # keep values inside the space
             return {k: space[k].clip(v) if k in space else v for k, v in cfg.items()}
         return PopulationBasedTraining(
             time_attr="resource", perturbation_interval=interval, quantile_fraction=0.25,
             resample_probability=0.25, custom_explore_fn=explore,
-            hyperparam_mutations={k: p.to_ray() for k, p in space.items()}), None
+            hyperparam_mutations={k: p.to_ray() for k, p in space.items()}), given
     if name == "bo":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return FIFOScheduler(), OptunaSearch(sampler=optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=5))
+        return FIFOScheduler(), OptunaSearch(points_to_evaluate=draws[:5], sampler=(
+            optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)))
     if name == "random":
-        return FIFOScheduler(), None
+        return FIFOScheduler(), given
     raise ConfigError(f"--scheduler {name!r}: use asha, pbt, bo or random")
 
 
@@ -152,19 +333,17 @@ def run_ray(*, space: Space, root: str | Path, configs: Sequence[str], scheduler
             "keys": list(space), "budgets": budgets}
     if not ray.is_initialized():
         if address is None:
-            # A private single-node instance (never attach to a stale cluster file left in
-            # /tmp/ray), with its services asked to bind to loopback.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            start_local(num_cpus=num_cpus)
         else:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            connect(address)
     trainable = tune.with_parameters(_trainable, spec=spec)
     path = root / name
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        sched, search = _scheduler(scheduler, space, max_resource=max_resource,
+        sched, search = _scheduler(scheduler, space, n_trials=n_trials,
+                                   max_resource=max_resource,
                                    min_resource=report, reduction_factor=reduction_factor,
                                    interval=interval or report, seed=seed)
         tuner = tune.Tuner(
@@ -173,7 +352,11 @@ def run_ray(*, space: Space, root: str | Path, configs: Sequence[str], scheduler
                                         scheduler=sched, search_alg=search),
             run_config=tune.RunConfig(name=name, storage_path=str(root), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=max_failures)))
-    return tuner.fit()
+    grid = tuner.fit()
+    stopped = _shared_cause(grid)
+    if stopped is not None:
+        raise stopped
+    return grid
 
 
 
