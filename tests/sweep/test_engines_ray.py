@@ -90,13 +90,15 @@ def test_ray_asha_reports_and_checkpoints_through_bilevel(tmp_path, uci, monkeyp
 
 def test_a_killed_ray_driver_listened_on_loopback_only_and_leaves_no_process(tmp_path, uci):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen([*CLI, "--trials", "2", "--max-resource", "2000",
-                               "--min-resource", "2000", "--parallel", "1", "--out", "k"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:
+        driver = subprocess.Popen([*CLI, "--trials", "2", "--max-resource", "2000",
+                                   "--min-resource", "2000", "--parallel", "1", "--out", "k"],
+                                  env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not list(Path("k").glob("random_validation/asha/runs/*/seg-000/run.json")):
-            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert driver.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "no Ray trial started within 240 s"
             time.sleep(0.5)
         time.sleep(2)
