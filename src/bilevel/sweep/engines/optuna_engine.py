@@ -11,8 +11,10 @@ it by hand; Clarke et al. used 150 for Energy).
 
 **Many workers** (:func:`worker`, ``bilevel sweep --engine optuna --storage URL``): start one
 worker per machine (or process) on the same study, PostgreSQL/MySQL for many workers, a
-journal file on a shared disk for a few (SQLite only for one machine). Each trial is a run
-directory ``OUT/trial-NNNN``; with ``--scheduler asha`` it trains in rungs and Optuna's
+journal file on a shared disk for a few (SQLite only for one machine); workers may start
+together on a new file (:func:`open_study` retries the schema race). Trial ``t`` starts from
+initialisation ``t`` for ``t < 5``, later proposals are seeded by ``(seed, trial number)``, so
+one worker is reproducible from ``--seed``. Each trial is a run directory ``OUT/trial-NNNN``; with ``--scheduler asha`` it trains in rungs and Optuna's
 ``SuccessiveHalvingPruner`` stops the poor ones. A trial whose worker died (its pid is gone
 on this host, or its run's lock heartbeat is older than ``stale_after`` seconds) is marked
 failed and re-enqueued with the same parameters and run directory, so the retry resumes from

@@ -13,11 +13,18 @@ job runner as the local engine, every ``report_every`` resource units:
   adopted to the new config for a PBT exploit (see :data:`bilevel.sweep.engines.ADOPT`).
 
 So ``Tuner.restore`` resumes a killed sweep, and a trial on a worker that died is retried
-from its last report (``FailureConfig(max_failures=3)``). Ray's ASHA stops trials at rungs
-(no later promotion), its PBT is asynchronous and has no seed: results are not reproducible
-the way the local engine's are. ``ray.init`` here starts no dashboard; on a cluster started
-with ``ray start``, bind it to loopback (``--dashboard-host 127.0.0.1``) and never expose a
-Ray port beyond a trusted network: Ray's cluster API runs arbitrary code.
+from its last report (``FailureConfig(max_failures=3)``).
+
+Seeds: trial ``t`` (Ray numbers trials in creation order) runs with ``run.seed = seed + t``
+from initialisation ``t`` (every trial of random/ASHA, PBT's population, BO's first 5; BO's
+later points come from TPE seeded by ``seed``). Ray's ASHA stops trials at rungs as results
+arrive and its PBT perturbs with Python's unseeded ``random`` asynchronously, so which trials
+stop, what PBT explores, and BO's proposals with several trials at once depend on timing.
+
+Privacy: without ``--ray-address`` a private instance starts (:func:`start_local`): every
+socket on loopback, no dashboard, its processes ended when the driver ends, even by SIGKILL.
+``--ray-address HOST:PORT`` joins a head (:func:`connect`), failing with a ConfigError within
+seconds when none answers; Ray's token authentication must be on (see docs/sweeps.md).
 """
 
 from __future__ import annotations
