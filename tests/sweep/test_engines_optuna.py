@@ -160,3 +160,24 @@ def test_two_cli_workers_start_together_on_a_new_sqlite_study(tmp_path, uci):
                               storage=f"sqlite:///{tmp_path}/new.db")
     assert sum(t.state.name == "COMPLETE" for t in study.get_trials()) >= 3
     assert Path("o/random_validation/bo/best.json").is_file()
+
+
+def test_a_cause_every_trial_shares_stops_an_optuna_worker_and_the_rerun_finishes(
+        tmp_path, data_dir):
+    empty = tmp_path / "empty-data"
+    cmd = [sys.executable, "-m", "bilevel", "sweep", *BASE, "-a", *ALGO, "--engine", "optuna",
+           "--scheduler", "bo", "--trials", "2", "--max-resource", "10", "--out",
+           str(tmp_path / "o"), "--search", ",".join(SEARCH),
+           *(a for s in SETS for a in ("--set", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BILEVEL_DATA": str(empty)}
+    env.pop("BILEVEL_FAULT", None)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "this worker stopped" in r.stderr and "Traceback" not in r.stderr
+    fetch_dataset("uci_energy", empty, from_dir=shared_data_dir())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = optuna.load_study(study_name="random_validation-bo", storage=(
+        optuna_engine.storage_for(None, tmp_path / "o/random_validation/bo")))
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["index"] for t in done) == [0, 1]  # the stopped one, rerun

@@ -164,3 +164,19 @@ def test_joining_a_head_with_token_auth_on_loopback_and_failing_fast(tmp_path, u
                           timeout=120)
     assert gone.returncode == 2 and "cannot reach a Ray head" in gone.stderr, gone.stderr[-2000:]
     assert time.monotonic() - t0 < 60 and "Traceback" not in gone.stderr
+
+
+def test_a_cause_every_trial_shares_ends_a_ray_sweep_with_its_exit_code(tmp_path, monkeypatch):
+    from bilevel.errors import SweepStoppedError
+
+    monkeypatch.setenv("BILEVEL_DATA", str(tmp_path / "empty-data"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        with pytest.raises(SweepStoppedError, match="bilevel data fetch uci_energy") as info:
+            scheduled_sweep(["onepass/uci_energy.yaml"], ["onepass/random_validation.yaml"],
+                            scheduler="asha", engine="ray", out=tmp_path / "r", trials=1,
+                            max_resource=10, min_resource=10, parallel=1, search=SEARCH,
+                            overrides=["logging.progress=false"])
+        assert info.value.exit_code == 3
+    finally:
+        ray.shutdown()

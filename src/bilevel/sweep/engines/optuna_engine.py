@@ -236,6 +236,13 @@ def _propose(study: Any, trial: Any, space: Space, *, index: int, seed: int, sam
     return dict(trial.params)
 
 
+def _fresh_index(study: Any, number: int) -> int:
+    """A new trial's index: how many trials before it were not retries (retries take trial
+    numbers too, and are marked when enqueued, so this does not depend on timing)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and "retry_of" not in t.user_attrs)
+
+
 def _job_seconds(trial: Any, result: JobResult) -> None:
     trial.set_user_attr("seconds", float(trial.user_attrs.get("seconds", 0.0)) + result.seconds)
     trial.set_user_attr("steps", int(trial.user_attrs.get("steps", 0)) + result.steps)
@@ -249,7 +256,8 @@ def worker(*, space: Space, root: str | Path, configs: Sequence[str], study_name
     """One worker of a shared study: take trials until ``n_trials`` are done or running;
     returns the study.
 
-    Trial ``t`` (``index`` user attribute; a retry keeps its original index) trains with
+    Trial ``t`` (``index`` user attribute: the t-th trial that is not a retry; a retry keeps
+    the index of the trial it retries) trains with
     ``run.seed = seed + t`` in ``root/trial-{t:04d}``; the first ``startup`` trials are
     initialisations ``0..startup-1``, later ones are proposed by ``sampler`` seeded with
     ``(seed, trial number)``. With one worker the sweep is therefore reproducible from
@@ -279,7 +287,7 @@ def worker(*, space: Space, root: str | Path, configs: Sequence[str], study_name
         if live >= n_trials and not waiting:
             return study
         trial = study.ask()
-        index = int(trial.user_attrs.get("index", trial.number))
+        index = int(trial.user_attrs.get("index", _fresh_index(study, trial.number)))
         path = trial.user_attrs.get("path") or str(root / f"trial-{index:04d}")
         params = _propose(study, trial, space, index=index, seed=seed, sampler=sampler,
                           startup=startup)
