@@ -8,13 +8,15 @@ same search space (the recipe's ``SEARCH_SPACE``, ``--space FILE``, narrowed wit
 ``--search``), on the engine asked for: ``local`` (embedded, reproducible, resumable; see
 :mod:`bilevel.sweep.engines.local_engine`), ``optuna`` (this process is one worker of a
 shared study) or ``ray`` (Ray Tune). The resource is ``run.max_steps`` (weight steps for
-``onepass``); trials minimise ``--metric`` (default ``val/loss``). When a local sweep ends
-it writes ``best.json`` with the plain ``bilevel run`` command that replays its best trial.
+``onepass``); trials minimise ``--metric`` (default ``val/loss``). When a sweep ends
+(any engine) it writes ``best.json`` with the plain ``bilevel run`` command that replays its
+best trial.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -67,6 +69,23 @@ def replay_command(configs: Sequence[str], overrides: Sequence[str], job: Mappin
     return shlex.join(["bilevel", "run", *configs, *(a for s in sets for a in ("--set", s))])
 
 
+def _write_best(root: Path, found: dict[str, Any] | None, spent: dict[str, float] | None,
+                configs: Sequence[str], overrides: Sequence[str], seed: int) -> dict[str, Any]:
+    """``root/best.json``: the best trial (value, job, run_dir, summary, the ``bilevel run``
+    command that replays it) and the compute spent; the same for every engine."""
+    entry: dict[str, Any] = {"root": str(root)}
+    if spent is not None:
+        entry["totals"] = spent
+    if found is not None:
+        entry["best"] = {**found, "replay": replay_command(configs, overrides, found["job"],
+                                                           seed)}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"best.json.{os.getpid()}"  # Optuna workers may write it together
+    tmp.write_text(json.dumps(entry, indent=1))
+    tmp.replace(root / "best.json")
+    return entry
+
+
 def scheduled_sweep(base: Sequence[str], algorithms: Sequence[str] = (), *, scheduler: str,
                     out: str | Path, trials: int, engine: str = "local", parallel: int = 1,
                     seed: int = 0, overrides: Sequence[str] = (),
@@ -92,27 +111,31 @@ def scheduled_sweep(base: Sequence[str], algorithms: Sequence[str] = (), *, sche
         root = out / label / scheduler
         common = {"configs": configs, "overrides": list(overrides), "metric": metric,
                   "seed": seed}
+        show = ((lambda j, r, lab=label: on_result(lab, j, r)) if on_result else None)
         if engine == "ray":
-            from bilevel.sweep.engines.ray_engine import run_ray
+            from bilevel.sweep.engines.ray_engine import ray_best, run_ray
 
             grid = run_ray(space=sp, root=root, scheduler=scheduler, n_trials=trials,
                            max_resource=budget, min_resource=min_resource,
                            reduction_factor=reduction_factor, interval=interval,
                            address=ray_address, num_cpus=parallel, **common)
-            r = grid.get_best_result(metric="objective", mode="min", scope="last")
-            report[label] = {"best": {"value": r.metrics["objective"], "config": r.config}}
+            report[label] = _write_best(root, ray_best(grid, root), None, configs, overrides,
+                                        seed)
             continue
         if engine == "optuna":
-            from bilevel.sweep.engines.optuna_engine import worker
+            from bilevel.sweep.engines.optuna_engine import study_best, study_totals, worker
 
             asha = ({"min_resource": min_resource or max(1, budget // 64),
                      "reduction_factor": reduction_factor} if scheduler == "asha" else None)
             if scheduler not in ("asha", "bo"):
                 raise ConfigError("--engine optuna runs --scheduler bo or asha "
                                   "(Optuna has no PBT); use --engine local or ray")
-            worker(space=sp, root=root, study_name=f"{label}-{scheduler}", storage=storage,
-                   n_trials=trials, sampler=sampler, max_resource=budget, asha=asha, **common)
-            report[label] = {"study": f"{label}-{scheduler}"}
+            study = worker(space=sp, root=root, study_name=f"{label}-{scheduler}",
+                           storage=storage, n_trials=trials, sampler=sampler,
+                           max_resource=budget, asha=asha, on_result=show, **common)
+            entry = _write_best(root, study_best(study, max_resource=budget),
+                                study_totals(study), configs, overrides, seed)
+            report[label] = {**entry, "study": f"{label}-{scheduler}"}
             continue
         if engine != "local":
             raise ConfigError(f"--engine {engine!r}: choose local, optuna or ray")
@@ -121,15 +144,10 @@ def scheduled_sweep(base: Sequence[str], algorithms: Sequence[str] = (), *, sche
                                population=population, interval=interval, sampler=sampler,
                                storage=storage, seed=seed)
         ledger = run_scheduler(sched, root=root, parallel=parallel, snapshots=scheduler == "pbt",
-                               on_result=(lambda j, r, lab=label: on_result(lab, j, r))
-                               if on_result else None, **common)
+                               on_result=show, **common)
         found = best(ledger)
-        entry: dict[str, Any] = {"totals": totals(ledger), "root": str(root)}
-        if found is not None:
-            rec, res = found
-            entry["best"] = {"value": res.value, "job": rec["job"], "run_dir": rec["path"],
-                             "summary": res.summary,
-                             "replay": replay_command(configs, overrides, rec["job"], seed)}
-        (root / "best.json").write_text(json.dumps(entry, indent=1))
-        report[label] = entry
+        report[label] = _write_best(
+            root, None if found is None else {
+                "value": found[1].value, "job": found[0]["job"], "run_dir": found[0]["path"],
+                "summary": found[1].summary}, totals(ledger), configs, overrides, seed)
     return report

@@ -6,6 +6,7 @@
   (``--storage URL``), stale trials retried from their checkpoints;
 * :mod:`.ray_engine`: Ray Tune (``ASHAScheduler``, ``PopulationBasedTraining``,
   ``OptunaSearch``), imported lazily (``pip install 'bilevel[ray]'``).
+  :mod:`.ray_instance` starts its private local instance or joins a cluster.
 """
 
 from bilevel.sweep.engines._jobs import ADOPT, JobResult, JobSpec, execute, warm_start
