@@ -10,6 +10,7 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 ``implicit``           fixed-point IFT: ``neumann`` / ``cg`` / ``identity`` / ``exact``
 ``one_pass``           Clarke et al.'s online implicit hypergradient of the last update
 ``greedy``             one-step unrolled (Baydin et al.'s hypergradient descent)
+``reversible``         exact reverse mode through T SGD-momentum steps by reversal; flat memory
 =====================  =============================================================
 """
 
@@ -17,6 +18,7 @@ from bilevel.hypergrad._common import HypergradResult
 from bilevel.hypergrad.forward import forward
 from bilevel.hypergrad.implicit import SOLVERS, implicit, one_pass
 from bilevel.hypergrad.meta_optimizer import MetaOptimizer
+from bilevel.hypergrad.reversible import reversible
 from bilevel.hypergrad.unrolled import greedy, unrolled
 
-__all__ = ["SOLVERS", "HypergradResult", "MetaOptimizer", "forward", "greedy", "implicit", "one_pass", "unrolled"]
+__all__ = ["SOLVERS", "HypergradResult", "MetaOptimizer", "forward", "greedy", "implicit", "one_pass", "reversible", "unrolled"]
