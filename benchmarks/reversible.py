@@ -1,7 +1,7 @@
 """Time and peak memory of the long-horizon hypergradients: reversible vs unrolled vs
 checkpointed vs forward, through T = 100, 1000, 10000 steps of SGD with momentum.
 
-    .venv/bin/python benchmarks/reversible.py [--steps 100 1000 10000] [--max-mib 3000]
+    .venv/bin/python benchmarks/reversible.py [--steps 100 1000 10000] [--max-mib 3000] [--methods ...]
 
 The problem: an MLP 64-32-10 (2410 weights, float64) on scikit-learn's digits, minibatch 20,
 SGD with momentum 0.9 and a learned log learning rate and momentum (2 scalars, so forward
@@ -96,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--max-mib", type=float, default=3000.0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -105,7 +106,7 @@ def main() -> None:
     print(f"{'T':>6} {'method':<13} {'CPU s':>8} {'wall s':>8} {'peak MiB':>9} {'rel. diff':>9}  note")
     for steps in args.steps:
         ref = None
-        for method in METHODS:
+        for method in args.methods:
             prev = [r for r in rows if r["method"] == method]
             if prev and prev[-1]["peak_mib"] * steps / prev[-1]["steps"] > args.max_mib:
                 print(f"{steps:>6} {method:<13} {'skipped: memory extrapolates past --max-mib':>40}", flush=True)

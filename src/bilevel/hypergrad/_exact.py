@@ -23,6 +23,8 @@ destroyed by the rounded product, ``E[log2 c]`` bits per weight per step (``2(1 
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from bilevel.errors import HypergradError
@@ -77,17 +79,30 @@ def _ceil_scaled(y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 class InfoBuffer:
     """The bits that exact momentum multiplies destroy: one rANS state per weight and a
     stack of spilled 32-bit words. ``push``/``pop`` must be called in exactly reverse order.
+
+    The words of all pushes share one growing int32 tensor (doubling capacity) and each push
+    records only where its words start, so a step costs its data plus 8 bytes, not a tensor
+    object (~1 KB) per step.
     """
 
     def __init__(self, numel: int, device: torch.device) -> None:
         self.state = torch.full((numel,), _LOW, dtype=torch.int64, device=device)
-        self.words: list[torch.Tensor] = []  # one int32 tensor per push, maybe empty
+        self._store = torch.empty(max(1024, numel), dtype=torch.int32, device=device)
+        self._top = 0
+        self._starts = array("q")  # where each push's words begin in _store
 
     def push(self, i: torch.Tensor, c: torch.Tensor) -> None:
         """Store ``i`` (``0 <= i < c``, ``1 <= c <= 16``), elementwise."""
         spill = self.state >= (_LOW // c) * _WORD
-        low = self.state[spill] & (_WORD - 1)
-        self.words.append((low - (1 << 31)).to(torch.int32))
+        low = ((self.state[spill] & (_WORD - 1)) - (1 << 31)).to(torch.int32)
+        end = self._top + low.numel()
+        if end > self._store.numel():
+            grown = torch.empty(max(end, 2 * self._store.numel()), dtype=torch.int32, device=low.device)
+            grown[:self._top] = self._store[:self._top]
+            self._store = grown
+        self._store[self._top:end] = low
+        self._starts.append(self._top)
+        self._top = end
         self.state = torch.where(spill, self.state >> _WORD_BITS, self.state) * c + i
 
     def pop(self, c: torch.Tensor) -> torch.Tensor:
@@ -95,12 +110,14 @@ class InfoBuffer:
         i = torch.remainder(self.state, c)
         s = torch.div(self.state, c, rounding_mode="floor")
         refill = s < _LOW
-        words = self.words.pop()
-        if words.numel() != int(refill.sum()):
+        start = self._starts.pop() if self._starts else -1
+        if start < 0 or self._top - start != int(refill.sum()):
             raise HypergradError(
                 "reversible: the information buffer is out of step, so the reverse pass did not "
                 "retrace the forward one: loss_fn must be deterministic in (w, hparams, t); take "
                 "minibatches and random numbers from t (a generator seeded by t).")
+        words = self._store[start:self._top]
+        self._top = start
         s = s.clone()
         s[refill] = (s[refill] << _WORD_BITS) | (words.to(torch.int64) + (1 << 31))
         self.state = s
@@ -108,13 +125,18 @@ class InfoBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the coder states plus every spilled word."""
-        return self.state.numel() * 8 + sum(w.numel() * 4 for w in self.words)
+        """Bytes held: the coder states, the word store (its capacity) and the push starts."""
+        return self.state.numel() * 8 + self._store.numel() * 4 + 8 * len(self._starts)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of spilled words in use (the information itself, beyond the states)."""
+        return 4 * self._top
 
     @property
     def empty(self) -> bool:
         """Back at the start: nothing stored (every state at its initial value)."""
-        return not self.words and bool((self.state == _LOW).all())
+        return not self._starts and self._top == 0 and bool((self.state == _LOW).all())
 
 
 def mul(x: torch.Tensor, n: torch.Tensor, buffer: InfoBuffer) -> torch.Tensor:

@@ -86,8 +86,8 @@ def reversible(
     Returns:
         :class:`HypergradResult`: ``hypergrad`` shaped like ``hparams``; ``state`` the final
         weights ``w_T``; ``info`` with ``grad_w0`` (``dL_V/dw_0``), ``velocity`` (``v_T``),
-        ``buffer_bytes`` and ``bits_per_weight_step`` (the information buffer at its
-        largest), and ``exact`` (the reversal landed on ``w_0``, ``v_0``).
+        ``buffer_bytes`` (the information buffer held at its largest) and
+        ``bits_per_weight_step`` (the information spilled into it), and ``exact`` (the reversal landed on ``w_0``, ``v_0``).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -113,7 +113,7 @@ def reversible(
         if check_finite:
             flags.append((t, ok))
     _raise_if_bad(flags, bits)
-    buffer_bytes = traj.buffer.nbytes
+    buffer_bytes, spilled = traj.buffer.nbytes, traj.buffer.spilled_bytes
 
     w_final = traj.float_leaves(traj.w, requires_grad=True)
     loss = outer_loss(tree_unflatten(w_def, w_final), hparams)
@@ -136,7 +136,7 @@ def reversible(
         check_finite_result(loss.detach(), hyper, "reversible")
     numel = traj.w.numel()
     info = {"steps": steps, "bits": bits, "exact": exact, "buffer_bytes": buffer_bytes,
-            "bits_per_weight_step": 8 * (buffer_bytes - 8 * numel) / (numel * steps),
+            "bits_per_weight_step": 8 * spilled / (numel * steps),
             "grad_w0": tree_unflatten(w_def, dw), "velocity": final_v}
     return HypergradResult(tree_unflatten(h_def, hyper), final_w, loss.detach(), info)
 

@@ -22,6 +22,7 @@ Run it::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -220,7 +221,5 @@ def _write_schedule(run_dir: RunDir, cs: ScheduleConfig, lr: list[float], mom: l
             **{name: {"lr": [arms[name][0](t) for t in steps], "momentum": [arms[name][1](t) for t in steps]}
                for name in ("start", "step", best)}, "best_fixed": best}
     (run_dir.path / "schedule.json").write_text(json.dumps(data, indent=1))
-    try:
+    with contextlib.suppress(ImportError):  # matplotlib is the `plot` extra; JSON suffices
         plot_schedule(run_dir.path / "schedule.json", run_dir.path / "schedule.png")
-    except ImportError:  # matplotlib is the `plot` extra; the JSON is enough without it
-        pass
