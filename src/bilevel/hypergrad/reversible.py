@@ -39,7 +39,6 @@ from bilevel.hypergrad import _exact
 from bilevel.hypergrad._common import (
     HypergradResult,
     check_finite_result,
-    first_bad_step,
     grads_or_zeros,
     hparam_leaves,
 )
@@ -107,12 +106,13 @@ def reversible(
     h_const = tree_unflatten(h_def, [x.detach() for x in h_leaves])
     scheds = (lr, momentum, weight_decay)
 
-    flags: list[tuple[int, torch.Tensor]] = []
+    # the first step whose flag is False, kept in one tensor: O(1) memory, one sync at the end
+    first_bad = torch.full((), -1, dtype=torch.int64, device=traj.w.device)
     for t in range(start, start + steps):
         ok = traj.forward(h_const, t, *(traj.values(s, h_const, t, n) for s, n in zip(scheds, _NAMES, strict=True)))
         if check_finite:
-            flags.append((t, ok))
-    _raise_if_bad(flags, bits)
+            first_bad = torch.where(~ok & (first_bad < 0), t, first_bad)
+    _raise_if_bad(int(first_bad), bits)
     buffer_bytes, spilled = traj.buffer.nbytes, traj.buffer.spilled_bytes
 
     w_final = traj.float_leaves(traj.w, requires_grad=True)
@@ -250,9 +250,8 @@ def _broadcasts(small: torch.Size, big: torch.Size) -> bool:
     return all(a in (1, b) for a, b in zip(reversed(small), reversed(big), strict=False))
 
 
-def _raise_if_bad(flags: list[tuple[int, torch.Tensor]], bits: int) -> None:
-    bad = first_bad_step(flags)
-    if bad is not None:
+def _raise_if_bad(bad: int, bits: int) -> None:
+    if bad >= 0:
         raise NonFiniteError(
             f"reversible: at step {bad} a gradient, weight or velocity was NaN/infinite or left "
             f"the fixed-point range |x| < 2**{_exact.MAX_ABS_BITS - bits} (bits={bits}), or the "
