@@ -32,7 +32,7 @@ def plot_schedule(path: str | Path, out: str | Path, *, title: str = "learned sc
         for name, colour, style in arms:
             values = d[name][key]
             label = name.replace("fixed_", "best fixed lr ") if name == d["best_fixed"] else name
-            ax.stairs(values, edges, color=colour, linestyle=style, label=label,
+            ax.stairs(values, edges, baseline=None, color=colour, linestyle=style, label=label,
                       linewidth=2 if name == "learned" else 1.2)
         ax.set(xlabel="inner SGD step", ylabel=key, title=f"{title}: {key}")
     axes[0].set_yscale("log")
