@@ -10,6 +10,7 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 ``implicit``           fixed-point IFT: ``neumann`` / ``cg`` / ``identity`` / ``exact``
 ``one_pass``           Clarke et al.'s online implicit hypergradient of the last update
 ``greedy``             one-step unrolled (Baydin et al.'s hypergradient descent)
+``reversible``         exact reverse mode through T SGD-momentum steps by reversal; flat memory
 =====================  =============================================================
 
 The module kit (:mod:`bilevel.hypergrad.kit`) builds ``step`` / ``outer_loss`` from
@@ -24,9 +25,10 @@ from bilevel.hypergrad.hypersgd import HyperSGD
 from bilevel.hypergrad.implicit import SOLVERS, implicit, one_pass
 from bilevel.hypergrad.kit import Problem, load_state, problem, write_grad
 from bilevel.hypergrad.meta_optimizer import MetaOptimizer
+from bilevel.hypergrad.reversible import reversible
 from bilevel.hypergrad.unrolled import greedy, unrolled
 
 __all__ = [
     "SOLVERS", "HyperSGD", "HypergradResult", "MetaOptimizer", "Problem", "forward", "greedy", "implicit",
-    "load_state", "one_pass", "problem", "unrolled", "write_grad",
+    "load_state", "one_pass", "problem", "reversible", "unrolled", "write_grad",
 ]

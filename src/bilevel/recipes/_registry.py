@@ -39,6 +39,7 @@ RECIPES: dict[str, str] = {
     "commentaries_weighting": "bilevel.recipes.commentaries_weighting",
     "gtn": "bilevel.recipes.gtn",
     "mnist_lr": "bilevel.recipes.mnist_lr",
+    "mnist_schedule": "bilevel.recipes.mnist_schedule",
     "onepass": "bilevel.recipes.onepass",
     "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
     "auxilearn": "bilevel.recipes.auxilearn",
