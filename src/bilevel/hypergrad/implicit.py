@@ -197,7 +197,7 @@ def _solve(
                 [phi[i] for i in live], s_leaves, [vs[i] for i in live],
                 retain_graph=True, allow_unused=True, is_grads_batched=True,
             )
-            return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype) if o is None else o
+            return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype, device=x.device) if o is None else o
                     for o, x in zip(out, s_leaves, strict=True)]
 
         return linear_solve.exact(jt_batched, b, max_dim=max_dim)

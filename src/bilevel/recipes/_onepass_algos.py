@@ -125,7 +125,7 @@ def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[
     zero = {k: torch.zeros_like(v) for k, v in inner.w.items()}
 
     def phi(w: Params, raw: Any, t: int) -> Params:  # w − η(∇L_T + wd·w): no momentum
-        hv = {**inner.hp.values(raw), "momentum": torch.zeros(())}
+        hv = {**inner.hp.values(raw), "momentum": torch.zeros((), device=next(iter(w.values())).device)}
         return update(inner, w, zero, hv, batch, create_graph=True, commit=False)[0]
 
     r = hypergrad.implicit(phi, _val_loss(inner), inner.w, inner.hp.raw_tree(),
