@@ -18,9 +18,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "AliG": ("bilevel.optim", "AliG"),
     "MetaOptimizer": ("bilevel.hypergrad", "MetaOptimizer"),
+    "HypergradWarning": ("bilevel.errors", "HypergradWarning"),
 }
 
-__all__ = ["AliG", "MetaOptimizer", "__version__"]
+__all__ = ["AliG", "HypergradWarning", "MetaOptimizer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

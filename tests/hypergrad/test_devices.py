@@ -27,6 +27,9 @@ from bilevel.meta.hparams import HParamSpec, Hyperparameters
 
 from . import test_contract as C
 
+# Implicit methods at a state that is not a fixed point, a few iterations: expected warnings.
+pytestmark = pytest.mark.filterwarnings("ignore::bilevel.errors.HypergradWarning")
+
 META = torch.device("meta")
 PACKAGE = str(Path(bilevel.__file__).parent)
 FACTORIES = {"zeros", "ones", "full", "empty", "tensor", "eye", "arange", "linspace", "rand",

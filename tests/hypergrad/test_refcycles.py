@@ -19,6 +19,9 @@ from torch.func import grad
 from bilevel import hypergrad
 from bilevel.tree import tree_flatten, tree_map, tree_unflatten
 
+# Implicit methods at a state that is not a fixed point, a few iterations: expected warnings.
+pytestmark = pytest.mark.filterwarnings("ignore::bilevel.errors.HypergradWarning")
+
 G = torch.Generator().manual_seed(0)
 X = torch.randn(64, 20, generator=G, dtype=torch.float64)
 Y = torch.randn(64, generator=G, dtype=torch.float64)
