@@ -356,9 +356,9 @@ def main() -> None:
         r = measure(problem, method, t, args.reps, args.device)
         row = {"problem": problem, "method": method, "T": t, **{k: v for k, v in r.items() if k != "g64"}}
         if "g64" in r:
-            key = (problem, min(t, 10), "implicit" if t == 1 else "unrolled", method.split()[1])
+            key = (problem, min(t, 10), "implicit" if t == 1 else "unrolled", method.split()[-1])
             base_key = (problem, min(t, 10), "implicit" if t == 1 else "unrolled",
-                        method.split()[-1] if t == 1 else "unrolled")
+                        method.split()[-1] if t == 1 else "unrolled")  # vs bilevel unrolled
             if method.startswith("bilevel") and key not in ref:
                 ref[key] = r["g64"]
             g, b = torch.tensor(r["g64"]), torch.tensor(ref.get(base_key, r["g64"]))
