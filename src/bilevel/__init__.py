@@ -21,10 +21,11 @@ _LAZY = {
     "AliG": ("bilevel.optim", "AliG"),
     "HyperSGD": ("bilevel.hypergrad", "HyperSGD"),
     "MetaOptimizer": ("bilevel.hypergrad", "MetaOptimizer"),
+    "HypergradWarning": ("bilevel.errors", "HypergradWarning"),
 }
 _SUBPACKAGES = ("functional", "hypergrad", "meta", "optim", "tree")
 
-__all__ = ["AliG", "HyperSGD", "MetaOptimizer", "__version__", *_SUBPACKAGES]
+__all__ = ["AliG", "HyperSGD", "HypergradWarning", "MetaOptimizer", "__version__", *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:

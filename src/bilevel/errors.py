@@ -52,6 +52,15 @@ class NeumannDivergenceError(HypergradError):
     """The Neumann series for an inverse-Jacobian product grew instead of shrinking."""
 
 
+class HypergradWarning(UserWarning):
+    """A hypergradient was computed but may be inaccurate: an implicit solver had not
+    converged (the last Neumann term or CG/MINRES residual is not small relative to the
+    first), or the state is not a fixed point of the step map. The message says by how much
+    and what to change. Silence it deliberately with
+    ``warnings.filterwarnings("ignore", category=HypergradWarning)`` where a truncated solve
+    is intended (e.g. Lorraine et al.'s few-term Neumann approximation)."""
+
+
 class SweepStoppedError(BilevelError):
     """A sweep stopped because a trial could not start for a reason every trial shares
     (missing data, an invalid config): running the others would only repeat it.

@@ -55,34 +55,41 @@ def _node(tree: Tree) -> tuple[str, Any, list[Tree], list[str]]:
 def tree_flatten(tree: Tree) -> tuple[list[Any], TreeDef]:
     """Leaves in depth-first order and the structure to rebuild the tree."""
     leaves: list[Any] = []
+    return leaves, _walk(tree, leaves)
 
-    def walk(node: Tree) -> TreeDef:
-        kind, meta, children, _ = _node(node)
-        if kind == "leaf":
-            leaves.append(node)
-            return TreeDef("leaf")
-        return TreeDef(kind, meta, tuple(walk(c) for c in children))
 
-    return leaves, walk(tree)
+# The walkers are module-level functions with explicit arguments, not nested closures:
+# a closure that calls itself refers to its own cell, forming a reference cycle that
+# keeps ``leaves`` (a step's tensors, a segment's recomputed graph) alive until Python's
+# cycle collector happens to run. Module-level helpers are freed by refcount on return.
+def _walk(node: Tree, leaves: list[Any]) -> TreeDef:
+    kind, meta, children, _ = _node(node)
+    if kind == "leaf":
+        leaves.append(node)
+        return _LEAF
+    return TreeDef(kind, meta, tuple(_walk(c, leaves) for c in children))
+
+
+def _build(d: TreeDef, it: Iterator[Any]) -> Tree:
+    if d.kind == "leaf":
+        return next(it)
+    if d.kind == "none":
+        return None
+    kids = [_build(c, it) for c in d.children]
+    if d.kind == "dict":
+        return dict(zip(d.meta, kids, strict=True))
+    if d.kind == "namedtuple":
+        return d.meta(*kids)
+    return kids if d.kind == "list" else tuple(kids)
+
+
+_LEAF = TreeDef("leaf")
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Tree:
     """Inverse of :func:`tree_flatten`."""
     it = iter(leaves)
-
-    def build(d: TreeDef) -> Tree:
-        if d.kind == "leaf":
-            return next(it)
-        if d.kind == "none":
-            return None
-        kids = [build(c) for c in d.children]
-        if d.kind == "dict":
-            return dict(zip(d.meta, kids, strict=True))
-        if d.kind == "namedtuple":
-            return d.meta(*kids)
-        return kids if d.kind == "list" else tuple(kids)
-
-    out = build(treedef)
+    out = _build(treedef, it)
     if next(it, None) is not None:
         raise TreeStructureError("tree_unflatten: more leaves than the structure holds")
     return out

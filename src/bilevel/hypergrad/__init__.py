@@ -7,7 +7,7 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 =====================  =============================================================
 ``unrolled``           reverse mode through T steps (``truncate=K``, ``checkpoint=True``)
 ``forward``            forward mode (jacfwd) through T steps; flat memory, few scalars
-``implicit``           fixed-point IFT: ``neumann`` / ``cg`` / ``identity`` / ``exact``
+``implicit``           fixed-point IFT: ``neumann`` / ``cg`` / ``minres`` / ``identity`` / ``exact``
 ``one_pass``           Clarke et al.'s online implicit hypergradient of the last update
 ``greedy``             one-step unrolled (Baydin et al.'s hypergradient descent)
 ``reversible``         exact reverse mode through T SGD-momentum steps by reversal; flat memory
@@ -19,6 +19,7 @@ optimiser that learns its own lr / weight decay / momentum by one-pass or greedy
 hypergradients while it trains.
 """
 
+from bilevel.errors import HypergradWarning
 from bilevel.hypergrad._common import HypergradResult
 from bilevel.hypergrad.forward import forward
 from bilevel.hypergrad.hypersgd import HyperSGD
@@ -29,6 +30,7 @@ from bilevel.hypergrad.reversible import reversible
 from bilevel.hypergrad.unrolled import greedy, unrolled
 
 __all__ = [
-    "SOLVERS", "HyperSGD", "HypergradResult", "MetaOptimizer", "Problem", "forward", "greedy", "implicit",
-    "load_state", "one_pass", "problem", "reversible", "unrolled", "write_grad",
+    "SOLVERS", "HyperSGD", "HypergradResult", "HypergradWarning", "MetaOptimizer", "Problem",
+    "forward", "greedy", "implicit", "load_state", "one_pass", "problem", "reversible", "unrolled",
+    "write_grad",
 ]

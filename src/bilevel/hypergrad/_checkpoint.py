@@ -9,6 +9,7 @@ the segment (same RNG state) and back-propagates through it with ``torch.autogra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,3 +127,40 @@ def checkpointed_segment(run: Any, state: Any, hparams: Any, plan: SegmentPlan) 
             )
     outs = _Segment.apply(run, len(s_leaves), s_def, h_def, plan, *s_leaves, *h_leaves)
     return tree_unflatten(s_def, list(outs))
+
+
+def graph_bytes(outputs: list[Any]) -> int:
+    """Bytes the autograd graph behind ``outputs`` keeps alive (its saved tensors, each
+    counted once), walking back to the leaves. Used once per unroll to size segments."""
+    seen_nodes, seen, total = set(), set(), 0
+    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed or not a tensor
+                continue
+            for x in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(x, torch.Tensor) and x.layout == torch.strided:
+                    key = (x.data_ptr(), x.numel(), x.dtype)
+                    if key not in seen:
+                        seen.add(key)
+                        total += x.numel() * x.element_size()
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return total
+
+
+def segment_length(steps: int, state_bytes: int, step_bytes: int) -> int:
+    """Steps per segment that minimise peak memory: ``steps/k`` saved states of
+    ``state_bytes`` plus one recomputed segment of ``k`` steps of ``step_bytes`` each is
+    smallest at ``k = sqrt(steps · state_bytes / step_bytes)`` (``sqrt(steps)`` when a step
+    keeps about a state's worth, fewer when its activations dominate, as in a CNN)."""
+    if step_bytes <= 0:
+        return max(1, math.ceil(math.sqrt(steps)))
+    return max(1, min(steps, round(math.sqrt(steps * state_bytes / step_bytes))))

@@ -10,7 +10,15 @@
 
 For ``Φ = w − α∇_w L_T`` this is ``∂_λL_V − (∂²L_T/∂w∂λ)ᵀ H⁻¹ ∂_wL_V`` (Lorraine et al.;
 the Neumann series reproduces theirs exactly). Solvers: ``neumann`` (K products),
-``cg``, ``identity`` (K = 0) and ``exact`` (dense).
+``cg`` (symmetric positive definite: a minimum), ``minres`` (symmetric indefinite: a
+saddle), ``identity`` (K = 0) and ``exact`` (dense).
+
+Diagnostics that cannot be missed: a :class:`~bilevel.errors.HypergradWarning` when the
+last Neumann term, or the CG/MINRES residual, is more than :data:`SERIES_RTOL` of the first
+(the relative error of the result is about that fraction), and when ``state_star`` is not a
+fixed point (``‖Φ(s) − s‖ > FIXED_POINT_RTOL·‖s‖`` over the leaves the step differentiates);
+a Neumann series whose terms grow past the first raises
+:class:`~bilevel.errors.NeumannDivergenceError` (or falls back, ``on_divergence``).
 
 **One pass** (:func:`one_pass`, Clarke et al. 2022). Write one inner update as
 ``s_t = Φ(s_{t−1}, λ) = s_{t−1} − u(λ, s_{t−1})``. The outer loss is taken at ``s_t``
@@ -21,11 +29,13 @@ Clarke et al.'s ``−(∂u/∂λ)ᵀ p``. It returns the new state, so training 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
 
-from bilevel.errors import HypergradError, NeumannDivergenceError
+from bilevel.errors import HypergradError, HypergradWarning, NeumannDivergenceError
 from bilevel.hypergrad import linear_solve
 from bilevel.hypergrad._common import (
     HypergradResult,
@@ -42,7 +52,9 @@ from bilevel.hypergrad._common import (
 from bilevel.hypergrad._keywords import AuxSteps, neumann_terms, step_offset
 from bilevel.tree import Tree, tree_detach, tree_flatten, tree_unflatten
 
-SOLVERS = ("neumann", "cg", "identity", "exact")
+SOLVERS = ("neumann", "cg", "minres", "identity", "exact")
+SERIES_RTOL = 0.1  # last Neumann term / first, or final residual / ‖b‖, above which we warn
+FIXED_POINT_RTOL = 1e-4  # ‖Φ(s) − s‖ / ‖s‖ above which state_star is not a fixed point
 
 
 def implicit(
@@ -59,6 +71,7 @@ def implicit(
     tol: float = 1e-10,
     max_dim: int = 4096,
     on_divergence: str = "raise",
+    on_indefinite: str = "raise",
     check_finite: bool = True,
     has_aux: bool = False,
     t: int | None = None,
@@ -71,19 +84,27 @@ def implicit(
         outer_loss: ``outer_loss(state, hparams) -> scalar``, evaluated at ``state_star``.
         state_star: the trained inner state (not modified).
         hparams: tree of floating tensors with ``requires_grad=True``.
-        solver: ``"neumann"``, ``"cg"``, ``"identity"`` or ``"exact"``.
+        solver: ``"neumann"``, ``"cg"``, ``"minres"``, ``"identity"`` or ``"exact"``.
         terms: Neumann terms in total (default 11; ``terms=1`` is the identity), as in
             :func:`one_pass`. The old ``iters=K`` for Neumann (K + 1 terms) still works,
             with a DeprecationWarning.
-        iters: the CG iteration cap (default 10).
+        iters: the CG/MINRES iteration cap (default 10).
         alpha: Neumann damping/scale (see :mod:`bilevel.hypergrad.linear_solve`).
         start: the ``t`` passed to ``step`` (``t=`` is its deprecated old name).
         on_divergence: ``"raise"`` or ``"identity"`` (fall back to one term, reported in
             ``info["fallback"]``) when the Neumann series grows.
         has_aux: ``step`` returns ``(new_state, aux)``; ``r.aux`` is that aux, detached.
+        on_indefinite: CG on a system that is not positive definite: ``"raise"`` or
+            ``"continue"`` (carry on with negative curvature steps, as other libraries do;
+            ``info["indefinite"]``). ``solver="minres"`` is correct there.
+
+    ``info["fixed_point_residual"]`` is ``‖Φ(s) − s‖ / ‖s‖``; see the module docstring for
+    the warnings.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if on_indefinite not in ("raise", "continue"):
+        raise ValueError(f"on_indefinite must be 'raise' or 'continue', got {on_indefinite!r}")
     if on_divergence not in ("raise", "identity"):
         raise ValueError(f"on_divergence must be 'raise' or 'identity', got {on_divergence!r}")
     start = step_offset(start, t, method="implicit")
@@ -101,13 +122,15 @@ def implicit(
         g = torch.autograd.grad(loss, s_leaves + h_leaves, allow_unused=True)
         g_s, direct = grads_or_zeros(g[: len(s_leaves)], s_leaves), g[len(s_leaves) :]
         phi = float_leaves(checked_first_step(step, s, hparams, start))
-        x, info = _solve(phi, s_leaves, g_s, solver, iters, alpha, tol, max_dim, on_divergence)
+        x, info = _solve(phi, s_leaves, g_s, solver, iters, alpha, tol, max_dim, on_divergence,
+                         on_indefinite=on_indefinite, detect_growth=True)
         indirect = _vjp_h(phi, h_leaves, x)
     hyper = _total(direct, indirect, h_leaves)
     if check_finite:
         check_finite_result(loss.detach(), hyper, "implicit")
     h_def = tree_flatten(hparams)[1]
-    info |= {"solver": solver}
+    info |= {"solver": solver, "fixed_point_residual": _fixed_point_residual(phi, s_leaves)}
+    _warn_unconverged(info, solver, iters, alpha)
     return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state_star), loss.detach(), info,
                            aux_steps.by_t.get(start))
 
@@ -182,9 +205,56 @@ def checked_step_aux(step: Any, s: Tree, hparams: Tree, t: int, has_aux: bool) -
     return new, holder[0]
 
 
+def _fixed_point_residual(phi: list[torch.Tensor], s_leaves: list[torch.Tensor]) -> float:
+    """``‖Φ(s) − s‖ / ‖s‖`` over the leaves the step differentiates (leaves it updates
+    without a graph, such as BatchNorm running statistics, are not inner variables)."""
+    pairs = [(p.detach(), x.detach()) for p, x in zip(phi, s_leaves, strict=True) if p.requires_grad]
+    if not pairs:
+        return 0.0
+    if any(x.is_meta for _, x in pairs):
+        return math.nan  # shapes only: nothing to check
+    r = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - x) for p, x in pairs]))
+    n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for _, x in pairs]))
+    return float(r / n.clamp_min(1e-30))
+
+
+def _warn_unconverged(info: dict, solver: str, iters: int, alpha: float) -> None:
+    where = f"implicit(solver={solver!r})"
+    norms = info.get("term_norms")
+    if norms and len(norms) > 1 and norms[0] > 0 and norms[-1] > SERIES_RTOL * norms[0]:
+        ratio, k = norms[-1] / norms[0], len(norms) - 1
+        rate = ratio ** (1.0 / k)
+        hint = (f"at this rate about {math.ceil(math.log(SERIES_RTOL) / math.log(rate))} terms "
+                f"bring it below {SERIES_RTOL:g}" if rate < 1 else "the terms are not shrinking")
+        warnings.warn(
+            f"{where}: the last Neumann term is {ratio:.2g} of the first after {k + 1} terms "
+            f"(alpha={alpha}), so the series has not converged and the hypergradient is off by "
+            f"roughly that fraction; {hint}. Raise terms or alpha (alpha < 2 / (lr * largest "
+            "curvature)), or use solver='cg'. See docs/hypergrad.md, 'Choosing K and alpha'.",
+            HypergradWarning, stacklevel=3,
+        )
+    res = info.get("residual")
+    if res is not None and res > SERIES_RTOL:
+        warnings.warn(
+            f"{where}: the residual after {info['iterations']} iterations is {res:.2g} of the "
+            f"first, so the solve has not converged (iters={iters}); raise iters.",
+            HypergradWarning, stacklevel=3,
+        )
+    fp = info["fixed_point_residual"]
+    if fp > FIXED_POINT_RTOL:
+        warnings.warn(
+            f"{where}: state_star is not a fixed point of the step map: ‖Φ(s) − s‖ is {fp:.2g} "
+            f"of ‖s‖ (above {FIXED_POINT_RTOL:g}). The implicit function theorem holds at a "
+            "fixed point; train the inner problem closer to convergence, or use "
+            "hypergrad.unrolled for a state that is still moving.",
+            HypergradWarning, stacklevel=3,
+        )
+
+
 def _solve(
     phi: list[torch.Tensor], s_leaves: list[torch.Tensor], b: list[torch.Tensor],
     solver: str, iters: int, alpha: float, tol: float, max_dim: int, on_divergence: str,
+    *, on_indefinite: str = "raise", detect_growth: bool = False,
 ) -> tuple[list[torch.Tensor], dict]:
     if len(phi) != len(s_leaves):
         raise HypergradError(
@@ -206,7 +276,9 @@ def _solve(
     if solver == "identity":
         return [alpha * x for x in b], {}
     if solver == "cg":
-        return linear_solve.cg(jt, b, iters=iters, tol=tol)
+        return linear_solve.cg(jt, b, iters=iters, tol=tol, on_indefinite=on_indefinite)
+    if solver == "minres":
+        return linear_solve.minres(jt, b, iters=iters, tol=tol)
     if solver == "exact":
         def jt_batched(eye: torch.Tensor) -> list[torch.Tensor]:
             vs, i = [], 0
@@ -217,12 +289,12 @@ def _solve(
                 [phi[i] for i in live], s_leaves, [vs[i] for i in live],
                 retain_graph=True, allow_unused=True, is_grads_batched=True,
             )
-            return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype) if o is None else o
+            return [torch.zeros(eye.shape[0], *x.shape, dtype=x.dtype, device=x.device) if o is None else o
                     for o, x in zip(out, s_leaves, strict=True)]
 
         return linear_solve.exact(jt_batched, b, max_dim=max_dim)
     try:
-        return linear_solve.neumann(jt, b, iters=iters, alpha=alpha)
+        return linear_solve.neumann(jt, b, iters=iters, alpha=alpha, detect_growth=detect_growth)
     except NeumannDivergenceError:
         if on_divergence == "raise":
             raise

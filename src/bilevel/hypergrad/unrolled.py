@@ -25,12 +25,15 @@ into an error naming the op.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from bilevel.errors import NonFiniteError
-from bilevel.hypergrad._checkpoint import SegmentPlan, checkpointed_segment
+from bilevel.hypergrad._checkpoint import (
+    SegmentPlan,
+    checkpointed_segment,
+    graph_bytes,
+    segment_length,
+)
 from bilevel.hypergrad._common import (
     HypergradResult,
     OuterLossFn,
@@ -44,7 +47,14 @@ from bilevel.hypergrad._common import (
     prepare_state,
 )
 from bilevel.hypergrad._keywords import AuxSteps, step_offset
-from bilevel.tree import Tree, tree_all_finite, tree_detach, tree_flatten, tree_unflatten
+from bilevel.tree import (
+    Tree,
+    is_float_tensor,
+    tree_all_finite,
+    tree_detach,
+    tree_flatten,
+    tree_unflatten,
+)
 
 
 def unrolled(
@@ -148,10 +158,16 @@ def _run_checkpointed(
     step: StepFn, state: Tree, hparams: Tree, t: int, k: int, segment: int | None,
     flags: list[tuple[int, torch.Tensor]], check_finite: bool, start: int,
 ) -> tuple[Tree, int]:
-    seg = segment or max(1, math.ceil(math.sqrt(k)))
-    if t == start:
-        # Run the structural checks on the real tensors once, outside the Function.
-        checked_first_step(step, state, tree_detach(hparams), t)
+    if t == start or segment is None:
+        # One step outside the Function, on the real tensors: the structural checks (first
+        # step only) and the size of one step's graph, to choose the segment length.
+        one = checked_first_step(step, state, hparams, t) if t == start else step(state, hparams, t)
+        if segment is None:
+            floats = [x for x in tree_flatten(state)[0] if is_float_tensor(x)]
+            segment = segment_length(k, sum(x.numel() * x.element_size() for x in floats),
+                                     graph_bytes(tree_flatten(one)[0]))
+        del one
+    seg = segment
     done, plan = 0, SegmentPlan()
     while done < k:
         n = min(seg, k - done)

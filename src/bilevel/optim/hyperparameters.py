@@ -196,7 +196,7 @@ class Hyperparameters(nn.Module):
                 out[name] = float(v)
                 continue
             flat = torch.cat([t.detach().reshape(-1).float() for t in v.values()])
-            q = torch.quantile(flat[:1_000_000], torch.tensor([0.05, 0.5, 0.95]))
+            q = torch.quantile(flat[:1_000_000], torch.tensor([0.05, 0.5, 0.95], device=flat.device))
             out |= {f"{name}_mean": float(flat.mean()), f"{name}_q05": float(q[0]),
                     f"{name}_q50": float(q[1]), f"{name}_q95": float(q[2])}
         return out

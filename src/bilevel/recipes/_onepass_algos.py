@@ -42,6 +42,7 @@ nothing is learned) and the outer loss:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ import torch
 from torch import Tensor
 
 from bilevel import hypergrad
+from bilevel.errors import HypergradWarning
 from bilevel.hypergrad import HyperSGD
 from bilevel.hypergrad.hypersgd import sgd_update
 from bilevel.optim.hyperparameters import Hyperparameters
@@ -161,12 +163,16 @@ def lorraine(inner: Inner, *, weight_steps: int, terms: int, **_: Any) -> tuple[
     zero = {k: torch.zeros_like(v) for k, v in inner.w.items()}
 
     def phi(w: Params, raw: Any, t: int) -> Params:  # w − η(∇L_T + wd·w): no momentum
-        hv = {**inner.hp.values(raw), "momentum": torch.zeros(())}
+        hv = {**inner.hp.values(raw), "momentum": torch.zeros((), device=next(iter(w.values())).device)}
         return update(inner, w, zero, hv, batch, create_graph=True, commit=False)[0]
 
-    r = hypergrad.implicit(phi, _val_loss(inner), inner.w, inner.hp.raw_tree(),
-                           solver="neumann", terms=terms, alpha=1.0, start=inner.t,
-                           on_divergence="identity", check_finite=False)
+    # Lorraine et al. apply a few Neumann terms at the current weights after each short
+    # inner phase, not at a fixed point, by design; silence the engine's convergence warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HypergradWarning)
+        r = hypergrad.implicit(phi, _val_loss(inner), inner.w, inner.hp.raw_tree(),
+                               solver="neumann", terms=terms, alpha=1.0, start=inner.t,
+                               on_divergence="identity", check_finite=False)
     return r.hypergrad, r.outer_loss
 
 
