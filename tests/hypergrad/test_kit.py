@@ -189,6 +189,7 @@ def _outer(state, h):
     return (state["w"] ** 2).sum()
 
 
+@pytest.mark.filterwarnings("ignore::bilevel.errors.HypergradWarning")  # plumbing, not a fixed point
 @pytest.mark.parametrize("method", ["unrolled", "forward", "implicit", "one_pass", "greedy"])
 def test_has_aux_on_every_method(method):
     h = {"c": torch.ones(3, requires_grad=True)}
@@ -205,6 +206,7 @@ def test_has_aux_on_every_method(method):
     assert not auxes[0]["norm"].requires_grad
 
 
+@pytest.mark.filterwarnings("ignore::bilevel.errors.HypergradWarning")  # plumbing, not a fixed point
 def test_old_keywords_warn_and_mean_the_same():
     h = {"c": torch.ones(3, requires_grad=True)}
     s0 = {"w": torch.zeros(3)}

@@ -134,7 +134,7 @@ def test_matches_engine_unrolled_and_implicit(prob):
 
     with pytest.raises(NeumannDivergenceError, match="larger than the term before it"):
         hypergrad.implicit(step_03,
-                           lambda s, h: val_loss(prob, s["w"]), state, hp, solver="neumann", iters=k)
+                           lambda s, h: val_loss(prob, s["w"]), state, hp, solver="neumann", terms=k + 1)
 
 
 def test_meta_step_descends_the_validation_loss(prob):
