@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
     s.add_argument("configs", nargs="+", metavar="CONFIG",
                    help="alig-recipe configs, e.g. alig/mnist_mlp_alig.yaml (one per optimiser)")
     s.add_argument("--values", required=True, type=_floats, metavar="V1,V2,...",
-                   help="knob values, e.g. 1e-4,1e-3,1e-2,1e-1,1,10")
+                   help="knob values, e.g. 1e-4,1e-3,1e-2,1e-1,1,10; 'none' is AliG's "
+                        "uncapped max_lr")
     s.add_argument("--seeds", default=[0], type=_ints, metavar="S1,S2,...",
                    help="seeds (default 0)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -54,12 +55,13 @@ def register(sub: Any) -> None:
     c.set_defaults(handler=_curves)
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str) -> list[float | None]:
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [None if v.strip().lower() == "none" else float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,1e-2, got {text!r}") from None
-    if any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,1e-2 (or none), got "
+                                         f"{text!r}") from None
+    if any(v is not None and not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"step sizes must be > 0, got {text!r}")
     return values
 
@@ -80,10 +82,15 @@ def _sweep(args: argparse.Namespace) -> int:
         if name != "alig":
             raise ConfigError(f"{ref}: bilevel alig sweep runs alig-recipe configs, not {name!r}")
         key = "max_lr" if config.optim.name == "alig" else "lr"  # type: ignore[attr-defined]
+        if key == "lr" and None in args.values:
+            raise ConfigError(f"{ref}: --values none means AliG's uncapped max_lr; "
+                              f"{config.optim.name} needs a numeric lr. Sweep it separately.")  # type: ignore[attr-defined]
         for value in args.values:
+            text = "none" if value is None else f"{value:g}"
             for seed in args.seeds:
-                run_dir = out / find_config(ref).stem / f"{key}={value:g}" / f"seed-{seed}"
-                overrides = [*args.overrides, f"optim.{key}={value!r}", f"run.seed={seed}"]
+                run_dir = out / find_config(ref).stem / f"{key}={text}" / f"seed-{seed}"
+                overrides = [*args.overrides, f"optim.{key}={'null' if value is None else repr(value)}",
+                             f"run.seed={seed}"]
                 status = _status(run_dir, resolve([ref], overrides)[2])
                 if status == "finished":
                     continue

@@ -53,18 +53,20 @@ from bilevel.run import (
 from bilevel.run.faults import kill_point
 
 CLASSIFICATION = ("mnist", "fashion_mnist", "mnist1d", "digits", "cifar10", "cifar100", "svhn")
+SEQUENCE = ("repeat_copy",)  # generated tasks, trained with model.name: dnc
 
 
 class OptimConfig(Section):
     """The optimiser. Keys that apply to ``name`` get its defaults; the others must be unset
     (or null), so a key meant for another optimiser is an error rather than ignored."""
 
-    name: Literal["alig", "sgd", "adam"] = "alig"
+    name: Literal["alig", "sgd", "adam", "adagrad", "rmsprop"] = "alig"
     max_lr: float | None = Field(None, gt=0.0, description="alig: step-size cap (null: none)")
     eps: float | None = Field(None, ge=0.0, description="alig: added to |g|^2 (1e-5)")
     adjusted_momentum: bool | None = Field(None, description="alig: PyTorch-like momentum")
     max_norm: float | None = Field(None, gt=0.0, description="alig: L2-ball radius (null: none)")
-    lr: float | None = Field(None, gt=0.0, description="sgd (0.1), adam (1e-3): learning rate")
+    lr: float | None = Field(None, gt=0.0, description="sgd (0.1), adam (1e-3), adagrad "
+                             "(1e-2), rmsprop (1e-2): learning rate")
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="alig, sgd (0.9)")
     nesterov: bool | None = Field(None, description="sgd: Nesterov momentum (false)")
     betas: tuple[float, float] | None = Field(None, description="adam (0.9, 0.999)")
@@ -72,13 +74,18 @@ class OptimConfig(Section):
     decay_at: list[float] | None = Field(None, description="sgd: fractions of run.max_steps "
                                          "where lr is multiplied by decay_factor ([])")
     decay_factor: float | None = Field(None, gt=0.0, le=1.0, description="sgd (0.1)")
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="all: rescale the gradient "
+                                         "to this global norm before the step (null: never)")
 
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "alig": {"max_lr": 0.1, "eps": 1e-5, "adjusted_momentum": False, "max_norm": None,
-                 "momentum": 0.9},
+                 "momentum": 0.9, "clip_grad_norm": None},
         "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                "decay_at": [], "decay_factor": 0.1},
-        "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+                "decay_at": [], "decay_factor": 0.1, "clip_grad_norm": None},
+        "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "clip_grad_norm": None},
+        # TF1's defaults, as in the authors' DNC baselines (see build_optimizer).
+        "adagrad": {"lr": 1e-2, "clip_grad_norm": None},
+        "rmsprop": {"lr": 1e-2, "clip_grad_norm": None},
     }
 
     @model_validator(mode="before")
@@ -127,20 +134,28 @@ class Config(Section):
     @field_validator("data")
     @classmethod
     def _classification(cls, v: DataConfig) -> DataConfig:
-        if v.name not in CLASSIFICATION:
-            raise ValueError(f"the alig recipe trains classifiers; data.name must be one of "
-                             f"{', '.join(CLASSIFICATION)}, got {v.name!r}")
+        if v.name not in CLASSIFICATION + SEQUENCE:
+            raise ValueError(f"the alig recipe trains classifiers or the DNC; data.name must be "
+                             f"one of {', '.join(CLASSIFICATION + SEQUENCE)}, got {v.name!r}")
         return v
+
+    @model_validator(mode="after")
+    def _task_fits_model(self) -> Config:
+        if (self.data.name in SEQUENCE) != (self.model.name == "dnc"):
+            raise ValueError(f"model.name: dnc goes with data.name: repeat_copy and only with it "
+                             f"(got model.name={self.model.name!r}, data.name={self.data.name!r})")
+        return self
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: ModelConfig) -> ModelConfig:
-        if v.name not in ("mlp", "cnn"):
-            raise ValueError(f"model.name must be 'mlp' or 'cnn', got {v.name!r}")
+        if v.name not in ("mlp", "cnn", "dnc"):
+            raise ValueError(f"model.name must be 'mlp', 'cnn' or 'dnc', got {v.name!r}")
         if v.dropout != 0:
             raise ValueError("model.dropout is not supported by the alig recipe; set it to 0")
-        if v.name == "cnn" and v.hidden:
-            raise ValueError("model.hidden sets MLP widths; the cnn (CBR student) has none")
+        if v.name != "mlp" and v.hidden:
+            raise ValueError(f"model.hidden sets MLP widths; the {v.name} has none (the dnc's "
+                             f"sizes are AliG's: 64 LSTM units, 16x16 memory, 4 read heads)")
         return v
 
     @field_validator("run")
@@ -164,9 +179,13 @@ def build_model(cfg: ModelConfig, info: dict[str, Any]) -> nn.Module:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AliG (with its L2-ball projection), torch SGD or torch Adam over all parameters.
+    """AliG (with its L2-ball projection), or torch SGD, Adam, Adagrad or RMSprop, over all
+    parameters.
 
-    The config's validator filled every key that applies to ``cfg.name``, hence the casts.
+    Adagrad and RMSprop take TensorFlow 1's defaults, which the authors' DNC baselines ran
+    with: Adagrad's accumulator starts at 0.1; RMSprop decays at 0.9 with eps 1e-10 (TF1
+    also starts RMSprop's mean square at 1 rather than 0 and puts eps inside the root; we
+    keep torch's zero start, so its first steps are larger than TF1's).
     """
     params, c = list(model.parameters()), cfg.model_dump()
     if cfg.name == "alig":
@@ -176,6 +195,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"],
                                nesterov=c["nesterov"], weight_decay=c["weight_decay"])
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=c["lr"], initial_accumulator_value=0.1)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=c["lr"], alpha=0.9, eps=1e-10)
     return torch.optim.Adam(params, lr=c["lr"], betas=c["betas"], weight_decay=c["weight_decay"])
 
 
@@ -203,6 +226,10 @@ def evaluate(model: nn.Module, ds: Dataset, train_size: int | None) -> dict[str,
 
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train for ``run.max_steps`` minibatch steps; return the final evaluation."""
+    if config.data.name in SEQUENCE:
+        from bilevel.recipes._alig_copy import run_repeat_copy
+
+        return run_repeat_copy(config, run_dir)
     device = resolve_device(config.run.device)
     ds = load_dataset(config.data.name, config.data.data_dir, config.data.split_seed,
                       normalize=True).to(device)  # images: the set's mean/std; others as given
@@ -238,6 +265,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config.optim.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
         if alig_opt is not None:
             alig_opt.step(loss=loss.detach())
         else:
