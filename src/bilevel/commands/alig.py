@@ -1,7 +1,7 @@
 """``bilevel alig sweep`` and ``bilevel alig plot``: the AliG step-size robustness study.
 
 ``sweep`` runs the ``alig`` recipe for every config (one per optimiser) × knob value × seed,
-where the knob is ``optim.max_lr`` for AliG and ``optim.lr`` for SGD and Adam, then writes
+where the knob is ``optim.max_lr`` for AliG and ``optim.lr`` for the others, then writes
 ``sweep.png`` (final training loss and test accuracy vs the knob) and ``sweep.md`` into
 ``--out``. Each run lives in ``OUT/<config name>/<knob>=<value>/seed-<n>``; running the same
 command again skips finished runs and resumes interrupted ones. ``plot`` redraws the
@@ -42,11 +42,15 @@ def register(sub: Any) -> None:
                    help="override a key of every run, e.g. --set run.max_steps=200")
     s.add_argument("--out", required=True, metavar="DIR", help="directory of the runs")
     s.add_argument("--title", default="", help="figure title")
+    s.add_argument("--loss-cap", type=float, default=10.0, metavar="X",
+                   help="final losses above X are drawn as ✕ (default 10; repeat copy: 1000)")
     s.set_defaults(handler=_sweep)
     q = cmds.add_parser("plot", help="sweep.png and sweep.md from existing alig runs")
     q.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB")
     q.add_argument("--out", required=True, metavar="PNG", help="figure path (table beside it)")
     q.add_argument("--title", default="", help="figure title")
+    q.add_argument("--loss-cap", type=float, default=10.0, metavar="X",
+                   help="final losses above X are drawn as ✕ (default 10; repeat copy: 1000)")
     q.set_defaults(handler=_plot)
     c = cmds.add_parser("curves", help="training curves of alig runs (loss, accuracy, step size)")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -77,14 +81,17 @@ def _sweep(args: argparse.Namespace) -> int:
     from bilevel.recipes import find_config, resolve, resume, start
 
     out = Path(args.out)
-    for ref in args.configs:
+    keys = {}
+    for ref in args.configs:  # check every config before running any
         name, config, _ = resolve([ref], args.overrides)
         if name != "alig":
             raise ConfigError(f"{ref}: bilevel alig sweep runs alig-recipe configs, not {name!r}")
-        key = "max_lr" if config.optim.name == "alig" else "lr"  # type: ignore[attr-defined]
-        if key == "lr" and None in args.values:
-            raise ConfigError(f"{ref}: --values none means AliG's uncapped max_lr; "
-                              f"{config.optim.name} needs a numeric lr. Sweep it separately.")  # type: ignore[attr-defined]
+        optim = config.optim.name  # type: ignore[attr-defined]
+        keys[ref] = "max_lr" if optim == "alig" else "lr"
+        if keys[ref] == "lr" and None in args.values:
+            raise ConfigError(f"{ref}: --values none means AliG's uncapped max_lr; {optim} "
+                              f"needs a numeric lr. Sweep AliG separately into the same --out.")
+    for ref, key in keys.items():
         for value in args.values:
             text = "none" if value is None else f"{value:g}"
             for seed in args.seeds:
@@ -127,7 +134,7 @@ def _plot(args: argparse.Namespace) -> int:
     points = sweep_points(load_run(p) for p in find_runs(args.runs))
     if not points:
         raise ConfigError(f"no finished alig-recipe runs in {' '.join(args.runs)}")
-    png = plot_sweep(points, args.out, title=args.title)
+    png = plot_sweep(points, args.out, title=args.title, loss_cap=args.loss_cap)
     table = png.with_suffix(".md")
     table.write_text(sweep_table(points))
     print(table.read_text(), end="")
