@@ -16,6 +16,11 @@ steps in the window where ``max_lr`` was active). Every ``eval.every`` steps and
 ``eval.train_size`` rows), ``val/accuracy``, ``test/loss``, ``test/accuracy``,
 ``weights/norm``.
 
+At the end, as the authors do, the weights with the best validation accuracy (over the
+evaluations, the final one included) are reloaded and tested: ``best/step``,
+``best/val_accuracy``, ``best/test_accuracy``, ``best/test_loss``. The other final metrics
+are those of the final weights.
+
 Divergence (a non-finite minibatch loss, e.g. SGD with lr 10): ``run.nan_policy: abort``
 raises; ``skip`` ends training there (the weights cannot recover), records the step as
 ``train/diverged_step`` and reports the final metrics of the diverged weights.
@@ -238,10 +243,11 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     alig_opt = opt if isinstance(opt, AliG) else None  # AliG's step needs the loss
     sampler = IndexSampler(len(ds.train), config.data.batch_size, seed=config.run.seed)
     window = torch.zeros(3, dtype=torch.float64)  # [loss sum, steps, clipped steps] since the last log
+    best: dict[str, Any] = {"step": 0, "val": -1.0, "model": None}  # best validation accuracy
 
     def snapshot() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": opt.state_dict(),
-                "sampler": sampler.state_dict(), "window": window.clone()}
+                "sampler": sampler.state_dict(), "window": window.clone(), "best": best}
 
     start, T = 0, config.run.max_steps
     if (ckpt := run_dir.restore()) is not None:
@@ -249,6 +255,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         opt.load_state_dict(ckpt.state["optim"])
         sampler.load_state_dict(ckpt.state["sampler"])
         window.copy_(ckpt.state["window"])
+        best.update(ckpt.state.get("best", {}))
         start = ckpt.step
     model.train()
     diverged = None
@@ -283,15 +290,46 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             run_dir.log(step, values)
             window.zero_()
         if step % config.eval.every == 0 and step != T:
-            run_dir.log(step, evaluate(model, ds, config.eval.train_size))
+            metrics = evaluate(model, ds, config.eval.train_size)
+            _keep_best(best, step, metrics, model)
+            run_dir.log(step, metrics)
         run_dir.checkpoint(step, snapshot(), force=step == T)
 
     final = evaluate(model, ds, config.eval.train_size)
+    if diverged is None:
+        final |= _best_model_metrics(best, T, final, model, ds, config.eval.train_size)
     if diverged is not None:
         final |= {"train/loss": float("nan"), "train/diverged_step": float(diverged)}
         run_dir.event(diverged, "diverged", what="training loss")
     run_dir.log(diverged or T, final)
     return final
+
+
+def _keep_best(best: dict[str, Any], step: int, metrics: dict[str, float],
+               model: nn.Module) -> None:
+    """Remember the weights with the highest validation accuracy so far (earliest on ties)."""
+    if metrics["val/accuracy"] > best["val"]:
+        best.update(step=step, val=metrics["val/accuracy"],
+                    model={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def _best_model_metrics(best: dict[str, Any], step: int, final: dict[str, float],
+                        model: nn.Module, ds: Dataset, train_size: int | None) -> dict[str, float]:
+    """The authors' protocol: test the best-validation weights (the final ones count too).
+
+    Returns ``best/step``, ``best/val_accuracy``, ``best/test_accuracy``, ``best/test_loss``;
+    the model is left holding its final weights.
+    """
+    _keep_best(best, step, final, model)
+    if best["step"] == step:
+        m = final
+    else:
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best["model"])
+        m = evaluate(model, ds, train_size)
+        model.load_state_dict(current)
+    return {"best/step": float(best["step"]), "best/val_accuracy": m["val/accuracy"],
+            "best/test_accuracy": m["test/accuracy"], "best/test_loss": m["test/loss"]}
 
 
 def _clipped(opt: AliG | None) -> bool:

@@ -39,6 +39,7 @@ class SweepPoint:
     val_accuracy: float
     test_accuracy: float
     diverged: bool
+    best_test_accuracy: float = math.nan  # of the reloaded best-validation weights
 
 
 def knob_key(optim: Mapping[str, Any]) -> str:
@@ -78,7 +79,8 @@ def sweep_points(runs: Iterable[RunRecord]) -> list[SweepPoint]:
         points.append(SweepPoint(label_of(optim), optim[knob_key(optim)],
                                  int(run.config["run"]["seed"]), loss,
                                  float(run.final.get("val/accuracy", math.nan)),
-                                 float(run.final.get("test/accuracy", math.nan)), diverged))
+                                 float(run.final.get("test/accuracy", math.nan)), diverged,
+                                 float(run.final.get("best/test_accuracy", math.nan))))
     return sorted(points, key=lambda p: (p.label, math.inf if p.knob is None else p.knob, p.seed))
 
 
@@ -183,9 +185,12 @@ def plot_curves(runs: list[RunRecord], path: str | Path, *, title: str = "") -> 
 def sweep_table(points: list[SweepPoint]) -> str:
     """Markdown: one row per (optimiser, knob); mean ± sample std over seeds."""
     has_val = any(math.isfinite(p.val_accuracy) for p in points)  # none for repeat copy
+    has_best = any(math.isfinite(p.best_test_accuracy) for p in points)
     val_head = " val accuracy |" if has_val else ""
+    best_head = " test accuracy, best-val weights |" if has_best else ""
     lines = [f"| optimiser | max_lr / lr | seeds | final train loss |{val_head} "
-             "test accuracy | diverged |", "|---|---|---|---|---|---|" + ("---|" if has_val else "")]
+             f"test accuracy |{best_head} diverged |",
+             "|---|---|---|---|---|---|" + "---|" * (has_val + has_best)]
     rows: dict[tuple[str, float | None], list[SweepPoint]] = {}
     for p in points:
         rows.setdefault((p.label, p.knob), []).append(p)
@@ -194,7 +199,9 @@ def sweep_table(points: list[SweepPoint]) -> str:
         loss = _mean_std([p.train_loss for p in ps], "{:.3g}")
         val = f" {_mean_std([p.val_accuracy for p in ps], '{:.4f}')} |" if has_val else ""
         test = _mean_std([p.test_accuracy for p in ps], "{:.4f}")
-        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss} |{val} {test} | "
+        best = (f" {_mean_std([p.best_test_accuracy for p in ps], '{:.4f}')} |"
+                if has_best else "")
+        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss} |{val} {test} |{best} "
                      f"{sum(p.diverged for p in ps)}/{len(ps)} |")
     return "\n".join(lines) + "\n"
 
