@@ -17,7 +17,8 @@ One step ``t`` with input :math:`x_t` and the previous read vectors
 4. read: :math:`w^r = \pi_1 b + \pi_2 C(M_t, k^r, \beta^r) + \pi_3 f`, :math:`r = M_t^\top w^r`;
 5. output :math:`y_t = W_y [h_t; r_t] + b_y`, clipped.
 
-:math:`\text{oneplus}(x) = 1 + \log(1 + e^x)`. One write head. The LSTM is one linear map
+:math:`\text{oneplus}(x) = 1 + \log(1 + e^x)`, as in the paper (DeepMind's code applies a
+plain softplus to the strengths, so theirs may fall below 1). One write head. The LSTM is one linear map
 of ``[input; h]`` to the four gates with a single bias and +1 on the forget gate (as
 Sonnet's); weights start truncated-normal with std ``1/sqrt(fan_in)``, biases at 0.
 
