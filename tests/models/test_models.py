@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bilevel.models import (
+    DNC,
     MLP,
     CBRStudent,
     CBRTeacher,
@@ -36,6 +37,7 @@ CASES = {
     "resnet34_c100": (lambda: resnet34(100), lambda: (torch.rand(2, 3, 32, 32),), (2, 100), 21_328_292),
     "gtn_learner": (lambda: GTNLearner(), lambda: (torch.rand(4, 1, 28, 28),), (4, 10), 106_910),
     "gtn_teacher": (lambda: GTNTeacher(), lambda: (torch.randn(4, 64), torch.arange(4)), (4, 1, 28, 28), 3_331_011),
+    "dnc_repeat_copy": (lambda: DNC(6, 5), lambda: (torch.rand(9, 16, 6),), (9, 16, 5), 43_980),
     "lstm_lm": (lambda: LSTMLanguageModel(), lambda: (torch.randint(0, 10_000, (5, 2)),), (5, 2, 10_000), 19_780_400),
 }
 

@@ -76,6 +76,44 @@ def test_alig_trains_and_logs_its_step_sizes(tiny_run: Path) -> None:
     assert any(x["alig/clipped"] < 1 for x in steps)  # the Polyak step is active somewhere
 
 
+def test_best_validation_weights_are_reloaded_for_testing(tiny_run: Path) -> None:
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    evals = {x["step"]: x for x in records(tiny_run) if "val/accuracy" in x}
+    assert sorted(evals) == [20, 40, 60]
+    best = max(evals, key=lambda s: (evals[s]["val/accuracy"], -s))  # earliest on ties
+    assert summary["best/step"] == best
+    assert summary["best/val_accuracy"] == evals[best]["val/accuracy"]
+    assert summary["best/test_accuracy"] == pytest.approx(evals[best]["test/accuracy"])
+    assert summary["best/test_loss"] == pytest.approx(evals[best]["test/loss"])
+    assert summary["test/accuracy"] == evals[60]["test/accuracy"]  # the final weights
+
+
+def test_best_weights_reload_restores_the_final_ones() -> None:
+    """The reload branch: an earlier evaluation won, so its weights are tested and the
+    model is given back its final weights."""
+    from bilevel.data import load_dataset
+    from bilevel.recipes.alig import _best_model_metrics, _keep_best, evaluate
+
+    ds = load_dataset("digits", split_seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x, y = ds.train.x.flatten(1), torch.nn.functional.one_hot(ds.train.y, 10).float()
+    with torch.no_grad():  # early weights: a least-squares fit (accurate)
+        model[1].weight.copy_((torch.linalg.pinv(x) @ y).T)
+        model[1].bias.zero_()
+    best: dict[str, Any] = {"step": 0, "val": -1.0, "model": None}
+    early = evaluate(model, ds, None)
+    _keep_best(best, 20, early, model)
+    with torch.no_grad():  # final weights: always class 0 (chance)
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.arange(10.0, 0.0, -1.0))
+    final_weights = model[1].weight.detach().clone()
+    final = evaluate(model, ds, None)
+    got = _best_model_metrics(best, 60, final, model, ds, None)
+    assert got["best/step"] == 20 and got["best/test_accuracy"] == early["test/accuracy"]
+    assert got["best/test_accuracy"] > 0.5 > final["test/accuracy"]
+    assert torch.equal(model[1].weight, final_weights)
+
+
 def test_sgd_follows_its_step_schedule(tmp_path: Path) -> None:
     r = cli("run", write(tmp_path, SGD), "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
@@ -193,6 +231,14 @@ def test_shipped_configs_cover_three_optimisers_on_three_problems() -> None:
         assert {shipped[f"{problem}_{o}"].optim.name for o in ("alig", "sgd", "adam")} == \
             {"alig", "sgd", "adam"}
     assert shipped["mnist_mlp_alig_ball"].optim.max_norm is not None
-    for cfg in shipped.values():  # no weight decay anywhere; SGD has its schedule
-        assert not cfg.optim.weight_decay
-        assert cfg.optim.name != "sgd" or cfg.optim.decay_at
+    for name, cfg in shipped.items():  # weight decay only in the paper's SGD baseline
+        assert not cfg.optim.weight_decay or name == "mnist_cnn_sgd_wd"
+        assert cfg.optim.name != "sgd" or cfg.optim.decay_at or name.startswith("dnc_copy_")
+    # The paper's image recipe: momentum 0.9 + L2 ball, both momentum forms, 10 epochs.
+    standard, adjusted = shipped["mnist_cnn_alig_ball"], shipped["mnist_cnn_alig_ball_adjusted"]
+    for cfg in (standard, adjusted, shipped["mnist_cnn_sgd_wd"]):
+        assert cfg.model.name == "cnn" and cfg.run.max_steps == 10 * 390
+    assert standard.optim.momentum == adjusted.optim.momentum == 0.9
+    assert standard.optim.max_norm == adjusted.optim.max_norm is not None
+    assert (standard.optim.adjusted_momentum, adjusted.optim.adjusted_momentum) == (False, True)
+    assert shipped["mnist_cnn_sgd_wd"].optim.weight_decay > 0

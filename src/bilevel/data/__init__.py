@@ -23,6 +23,7 @@ from bilevel.data._dataset import Dataset, Split
 from bilevel.data._errors import DataError, DataFetchError, DataMissingError, DataVerificationError
 from bilevel.data._paths import default_data_dir
 from bilevel.data._sampler import IndexSampler
+from bilevel.data.repeat_copy import RepeatCopy, repeat_copy_accuracy, repeat_copy_loss
 from bilevel.data.text import batchify
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "DataVerificationError",
     "Dataset",
     "IndexSampler",
+    "RepeatCopy",
     "Split",
     "batchify",
     "default_data_dir",
@@ -40,5 +42,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "read_arrays",
+    "repeat_copy_accuracy",
+    "repeat_copy_loss",
     "verify_dataset",
 ]

@@ -5,6 +5,7 @@ Each class documents its source and parameter count. This package imports nothin
 """
 
 from bilevel.models.cbr import CBRStudent, CBRTeacher
+from bilevel.models.dnc import DNC
 from bilevel.models.gtn import GTNLearner, GTNTeacher
 from bilevel.models.lstm import LSTMLanguageModel
 from bilevel.models.mlp import ACTIVATIONS, MLP
@@ -12,6 +13,7 @@ from bilevel.models.resnet import ResNet, resnet18, resnet34
 
 __all__ = [
     "ACTIVATIONS",
+    "DNC",
     "MLP",
     "CBRStudent",
     "CBRTeacher",

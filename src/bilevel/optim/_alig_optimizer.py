@@ -23,18 +23,23 @@ class AliG(torch.optim.Optimizer):
     zero gradient). One unclipped step size is shared by all parameter groups; only
     ``max_lr``, ``momentum`` and ``adjusted_momentum`` may differ per group.
 
+    The arguments keep the original package's positional order
+    (``params, max_lr, momentum, projection_fn, eps, adjusted_momentum``), so
+    ``AliG(model.parameters(), 0.1, 0.9, proj)`` means what it means there.
+
     Args:
         params: parameters or parameter groups; a group may set ``max_lr``, ``momentum``
             and ``adjusted_momentum``.
         max_lr: cap on the step size, > 0. ``None`` means no cap: with a zero gradient the
             step is ``loss / eps`` and can be enormous, so prefer a cap.
         momentum: :math:`\mu \ge 0`; 0 disables momentum.
+        projection_fn: a no-argument callable (e.g. :func:`bilevel.optim.l2_projection`)
+            that projects the parameters in place; called once here and after every step,
+            both times under ``torch.no_grad()``. AliG's regulariser is this constraint,
+            not weight decay.
         eps: :math:`\epsilon \ge 0` in the denominator (global, not per group).
         adjusted_momentum: the PyTorch-like momentum form instead of the standard
             (Nesterov-like) one.
-        projection_fn: a no-argument callable (e.g. :func:`bilevel.optim.l2_projection`)
-            called once here and after every step; AliG's regulariser is this constraint,
-            not weight decay.
 
     Learning-rate schedulers: each group keeps ``lr`` as an alias of ``max_lr``.
     Schedulers change ``group["lr"]``, :meth:`step` reads it and mirrors it into
@@ -63,10 +68,12 @@ class AliG(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         max_lr: float | None = None,
         momentum: float = 0.0,
+        projection_fn: Callable[[], None] | None = None,
         eps: float = 1e-5,
         adjusted_momentum: bool = False,
-        projection_fn: Callable[[], None] | None = None,
     ) -> None:
+        # Positional, in the original package's order (alig.th.AliG), so that code written
+        # for it runs unchanged; hence no keyword-only marker here.
         alig.validate(None, 0.0, eps)
         self.eps = eps
         self.projection_fn = projection_fn
@@ -80,7 +87,8 @@ class AliG(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         if projection_fn is not None:
-            projection_fn()
+            with torch.no_grad():  # it writes leaves that require grad in place
+                projection_fn()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; ``max_lr`` and ``lr`` are aliases (giving both, they must agree)."""

@@ -16,6 +16,11 @@ steps in the window where ``max_lr`` was active). Every ``eval.every`` steps and
 ``eval.train_size`` rows), ``val/accuracy``, ``test/loss``, ``test/accuracy``,
 ``weights/norm``.
 
+At the end, as the authors do, the weights with the best validation accuracy (over the
+evaluations, the final one included) are reloaded and tested: ``best/step``,
+``best/val_accuracy``, ``best/test_accuracy``, ``best/test_loss``. The other final metrics
+are those of the final weights.
+
 Divergence (a non-finite minibatch loss, e.g. SGD with lr 10): ``run.nan_policy: abort``
 raises; ``skip`` ends training there (the weights cannot recover), records the step as
 ``train/diverged_step`` and reports the final metrics of the diverged weights.
@@ -53,18 +58,20 @@ from bilevel.run import (
 from bilevel.run.faults import kill_point
 
 CLASSIFICATION = ("mnist", "fashion_mnist", "mnist1d", "digits", "cifar10", "cifar100", "svhn")
+SEQUENCE = ("repeat_copy",)  # generated tasks, trained with model.name: dnc
 
 
 class OptimConfig(Section):
     """The optimiser. Keys that apply to ``name`` get its defaults; the others must be unset
     (or null), so a key meant for another optimiser is an error rather than ignored."""
 
-    name: Literal["alig", "sgd", "adam"] = "alig"
+    name: Literal["alig", "sgd", "adam", "adagrad", "rmsprop"] = "alig"
     max_lr: float | None = Field(None, gt=0.0, description="alig: step-size cap (null: none)")
     eps: float | None = Field(None, ge=0.0, description="alig: added to |g|^2 (1e-5)")
     adjusted_momentum: bool | None = Field(None, description="alig: PyTorch-like momentum")
     max_norm: float | None = Field(None, gt=0.0, description="alig: L2-ball radius (null: none)")
-    lr: float | None = Field(None, gt=0.0, description="sgd (0.1), adam (1e-3): learning rate")
+    lr: float | None = Field(None, gt=0.0, description="sgd (0.1), adam (1e-3), adagrad "
+                             "(1e-2), rmsprop (1e-2): learning rate")
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="alig, sgd (0.9)")
     nesterov: bool | None = Field(None, description="sgd: Nesterov momentum (false)")
     betas: tuple[float, float] | None = Field(None, description="adam (0.9, 0.999)")
@@ -72,13 +79,18 @@ class OptimConfig(Section):
     decay_at: list[float] | None = Field(None, description="sgd: fractions of run.max_steps "
                                          "where lr is multiplied by decay_factor ([])")
     decay_factor: float | None = Field(None, gt=0.0, le=1.0, description="sgd (0.1)")
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="all: rescale the gradient "
+                                         "to this global norm before the step (null: never)")
 
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "alig": {"max_lr": 0.1, "eps": 1e-5, "adjusted_momentum": False, "max_norm": None,
-                 "momentum": 0.9},
+                 "momentum": 0.9, "clip_grad_norm": None},
         "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                "decay_at": [], "decay_factor": 0.1},
-        "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+                "decay_at": [], "decay_factor": 0.1, "clip_grad_norm": None},
+        "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "clip_grad_norm": None},
+        # TF1's defaults, as in the authors' DNC baselines (see build_optimizer).
+        "adagrad": {"lr": 1e-2, "clip_grad_norm": None},
+        "rmsprop": {"lr": 1e-2, "clip_grad_norm": None},
     }
 
     @model_validator(mode="before")
@@ -127,20 +139,28 @@ class Config(Section):
     @field_validator("data")
     @classmethod
     def _classification(cls, v: DataConfig) -> DataConfig:
-        if v.name not in CLASSIFICATION:
-            raise ValueError(f"the alig recipe trains classifiers; data.name must be one of "
-                             f"{', '.join(CLASSIFICATION)}, got {v.name!r}")
+        if v.name not in CLASSIFICATION + SEQUENCE:
+            raise ValueError(f"the alig recipe trains classifiers or the DNC; data.name must be "
+                             f"one of {', '.join(CLASSIFICATION + SEQUENCE)}, got {v.name!r}")
         return v
+
+    @model_validator(mode="after")
+    def _task_fits_model(self) -> Config:
+        if (self.data.name in SEQUENCE) != (self.model.name == "dnc"):
+            raise ValueError(f"model.name: dnc goes with data.name: repeat_copy and only with it "
+                             f"(got model.name={self.model.name!r}, data.name={self.data.name!r})")
+        return self
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: ModelConfig) -> ModelConfig:
-        if v.name not in ("mlp", "cnn"):
-            raise ValueError(f"model.name must be 'mlp' or 'cnn', got {v.name!r}")
+        if v.name not in ("mlp", "cnn", "dnc"):
+            raise ValueError(f"model.name must be 'mlp', 'cnn' or 'dnc', got {v.name!r}")
         if v.dropout != 0:
             raise ValueError("model.dropout is not supported by the alig recipe; set it to 0")
-        if v.name == "cnn" and v.hidden:
-            raise ValueError("model.hidden sets MLP widths; the cnn (CBR student) has none")
+        if v.name != "mlp" and v.hidden:
+            raise ValueError(f"model.hidden sets MLP widths; the {v.name} has none (the dnc's "
+                             f"sizes are AliG's: 64 LSTM units, 16x16 memory, 4 read heads)")
         return v
 
     @field_validator("run")
@@ -164,9 +184,13 @@ def build_model(cfg: ModelConfig, info: dict[str, Any]) -> nn.Module:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AliG (with its L2-ball projection), torch SGD or torch Adam over all parameters.
+    """AliG (with its L2-ball projection), or torch SGD, Adam, Adagrad or RMSprop, over all
+    parameters.
 
-    The config's validator filled every key that applies to ``cfg.name``, hence the casts.
+    Adagrad and RMSprop take TensorFlow 1's defaults, which the authors' DNC baselines ran
+    with: Adagrad's accumulator starts at 0.1; RMSprop decays at 0.9 with eps 1e-10 (TF1
+    also starts RMSprop's mean square at 1 rather than 0 and puts eps inside the root; we
+    keep torch's zero start, so its first steps are larger than TF1's).
     """
     params, c = list(model.parameters()), cfg.model_dump()
     if cfg.name == "alig":
@@ -176,6 +200,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"],
                                nesterov=c["nesterov"], weight_decay=c["weight_decay"])
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=c["lr"], initial_accumulator_value=0.1)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=c["lr"], alpha=0.9, eps=1e-10)
     return torch.optim.Adam(params, lr=c["lr"], betas=c["betas"], weight_decay=c["weight_decay"])
 
 
@@ -203,6 +231,10 @@ def evaluate(model: nn.Module, ds: Dataset, train_size: int | None) -> dict[str,
 
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train for ``run.max_steps`` minibatch steps; return the final evaluation."""
+    if config.data.name in SEQUENCE:
+        from bilevel.recipes._alig_copy import run_repeat_copy
+
+        return run_repeat_copy(config, run_dir)
     device = resolve_device(config.run.device)
     ds = load_dataset(config.data.name, config.data.data_dir, config.data.split_seed,
                       normalize=True).to(device)  # images: the set's mean/std; others as given
@@ -211,10 +243,11 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     alig_opt = opt if isinstance(opt, AliG) else None  # AliG's step needs the loss
     sampler = IndexSampler(len(ds.train), config.data.batch_size, seed=config.run.seed)
     window = torch.zeros(3, dtype=torch.float64)  # [loss sum, steps, clipped steps] since the last log
+    best: dict[str, Any] = {"step": 0, "val": -1.0, "model": None}  # best validation accuracy
 
     def snapshot() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": opt.state_dict(),
-                "sampler": sampler.state_dict(), "window": window.clone()}
+                "sampler": sampler.state_dict(), "window": window.clone(), "best": best}
 
     start, T = 0, config.run.max_steps
     if (ckpt := run_dir.restore()) is not None:
@@ -222,6 +255,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         opt.load_state_dict(ckpt.state["optim"])
         sampler.load_state_dict(ckpt.state["sampler"])
         window.copy_(ckpt.state["window"])
+        best.update(ckpt.state.get("best", {}))
         start = ckpt.step
     model.train()
     diverged = None
@@ -238,6 +272,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config.optim.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
         if alig_opt is not None:
             alig_opt.step(loss=loss.detach())
         else:
@@ -254,15 +290,46 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             run_dir.log(step, values)
             window.zero_()
         if step % config.eval.every == 0 and step != T:
-            run_dir.log(step, evaluate(model, ds, config.eval.train_size))
+            metrics = evaluate(model, ds, config.eval.train_size)
+            _keep_best(best, step, metrics, model)
+            run_dir.log(step, metrics)
         run_dir.checkpoint(step, snapshot(), force=step == T)
 
     final = evaluate(model, ds, config.eval.train_size)
+    if diverged is None:
+        final |= _best_model_metrics(best, T, final, model, ds, config.eval.train_size)
     if diverged is not None:
         final |= {"train/loss": float("nan"), "train/diverged_step": float(diverged)}
         run_dir.event(diverged, "diverged", what="training loss")
     run_dir.log(diverged or T, final)
     return final
+
+
+def _keep_best(best: dict[str, Any], step: int, metrics: dict[str, float],
+               model: nn.Module) -> None:
+    """Remember the weights with the highest validation accuracy so far (earliest on ties)."""
+    if metrics["val/accuracy"] > best["val"]:
+        best.update(step=step, val=metrics["val/accuracy"],
+                    model={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def _best_model_metrics(best: dict[str, Any], step: int, final: dict[str, float],
+                        model: nn.Module, ds: Dataset, train_size: int | None) -> dict[str, float]:
+    """The authors' protocol: test the best-validation weights (the final ones count too).
+
+    Returns ``best/step``, ``best/val_accuracy``, ``best/test_accuracy``, ``best/test_loss``;
+    the model is left holding its final weights.
+    """
+    _keep_best(best, step, final, model)
+    if best["step"] == step:
+        m = final
+    else:
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best["model"])
+        m = evaluate(model, ds, train_size)
+        model.load_state_dict(current)
+    return {"best/step": float(best["step"]), "best/val_accuracy": m["val/accuracy"],
+            "best/test_accuracy": m["test/accuracy"], "best/test_loss": m["test/loss"]}
 
 
 def _clipped(opt: AliG | None) -> bool:

@@ -3,10 +3,13 @@
 Berrada et al. claim that AliG trains well over a wide range of ``max_lr`` whereas SGD and
 Adam need a narrow learning-rate window. :func:`plot_sweep` draws one line per optimiser
 (the mean over seeds; each seed is a dot) with the knob on a log axis: ``max_lr`` for AliG,
-``lr`` for SGD and Adam. A diverged run (non-finite final training loss, or the recipe's
-``train/diverged_step``) or one whose final training loss exceeds :data:`LOSS_CAP` (about
-four times the chance-level loss ln 10 ≈ 2.3) is an ✕ on the top edge of the loss panel;
-its measured accuracy is drawn as is. :func:`sweep_table` writes the same numbers as Markdown.
+``lr`` for the others. AliG without a cap (``max_lr: null``) is drawn one decade right of
+the largest knob and labelled "no cap". A diverged run (non-finite final training loss, or
+the recipe's ``train/diverged_step``) or one whose final training loss exceeds the cap
+(:data:`LOSS_CAP` by default: about four times MNIST's chance-level loss ln 10 ≈ 2.3; the DNC
+objective sums over bits and steps, so its sweep passes a larger one) is an ✕ on the top
+edge of the loss panel; its measured accuracy is drawn as is. :func:`sweep_table` writes the
+same numbers as Markdown.
 :func:`plot_curves` draws training curves of a few runs: minibatch loss, test accuracy and
 AliG's step sizes (the seeds' check that the loss goes to about 0 and ``ℓ/‖g‖²`` shrinks).
 """
@@ -36,6 +39,7 @@ class SweepPoint:
     val_accuracy: float
     test_accuracy: float
     diverged: bool
+    best_test_accuracy: float = math.nan  # of the reloaded best-validation weights
 
 
 def knob_key(optim: Mapping[str, Any]) -> str:
@@ -43,15 +47,24 @@ def knob_key(optim: Mapping[str, Any]) -> str:
     return "max_lr" if optim["name"] == "alig" else "lr"
 
 
+NAMES = {"adam": "Adam", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+
+
 def label_of(optim: Mapping[str, Any]) -> str:
     """A legend label naming the optimiser and the settings that distinguish its variants."""
+    clip = f", clip {optim['clip_grad_norm']:g}" if optim.get("clip_grad_norm") else ""
     if optim["name"] == "alig":
         ball = f", ‖w‖ ≤ {optim['max_norm']:g}" if optim.get("max_norm") else ""
-        return f"AliG (μ={optim['momentum']:g}{ball})"
+        return f"AliG (μ={optim['momentum']:g}{ball}{clip})"
     if optim["name"] == "sgd":
         sched = " + step schedule" if optim.get("decay_at") else ""
-        return f"SGD (μ={optim['momentum']:g}{sched})"
-    return "Adam"
+        name = "NAG" if optim.get("nesterov") else "SGD"
+        mu = f"μ={optim['momentum']:g}" if optim.get("momentum") else ""
+        inner = f"{mu}{sched}{clip}".lstrip(", ")
+        return f"{name} ({inner})" if inner else name
+    inner = clip.lstrip(", ")
+    name = NAMES.get(optim["name"], optim["name"])
+    return f"{name} ({inner})" if inner else name
 
 
 def sweep_points(runs: Iterable[RunRecord]) -> list[SweepPoint]:
@@ -66,27 +79,34 @@ def sweep_points(runs: Iterable[RunRecord]) -> list[SweepPoint]:
         points.append(SweepPoint(label_of(optim), optim[knob_key(optim)],
                                  int(run.config["run"]["seed"]), loss,
                                  float(run.final.get("val/accuracy", math.nan)),
-                                 float(run.final.get("test/accuracy", math.nan)), diverged))
+                                 float(run.final.get("test/accuracy", math.nan)), diverged,
+                                 float(run.final.get("best/test_accuracy", math.nan))))
     return sorted(points, key=lambda p: (p.label, math.inf if p.knob is None else p.knob, p.seed))
 
 
 def _by_label(points: list[SweepPoint]) -> dict[str, dict[float, list[SweepPoint]]]:
+    """Points by label and knob; an uncapped AliG run sits one decade right of every knob."""
+    finite = [p.knob for p in points if p.knob is not None]
+    no_cap = 10 ** (math.floor(math.log10(max(finite))) + 1) if finite else 1.0
     out: dict[str, dict[float, list[SweepPoint]]] = {}
     for p in points:
-        if p.knob is not None:  # an uncapped AliG run has no place on the axis (table only)
-            out.setdefault(p.label, {}).setdefault(p.knob, []).append(p)
+        out.setdefault(p.label, {}).setdefault(no_cap if p.knob is None else p.knob,
+                                               []).append(p)
     return out
 
 
-def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -> Path:
-    """Two panels (final train loss, log scale; test accuracy) against the knob; a PNG."""
+def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "",
+               loss_cap: float = LOSS_CAP) -> Path:
+    """Two panels (final train loss, log scale; test accuracy) against the knob; a PNG.
+
+    Losses above ``loss_cap`` (and diverged runs) are ✕ on the top edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _by_label(points)
-    top = LOSS_CAP
+    top = loss_cap
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12.5, 3.8))
     for i, (label, by_knob) in enumerate(groups.items()):
         colour, knobs = f"C{i}", sorted(by_knob)
@@ -101,9 +121,15 @@ def plot_sweep(points: list[SweepPoint], path: str | Path, *, title: str = "") -
                 ax_loss.plot([k], [min(_shown(p), top)], "x" if off else ".", color=colour,
                              ms=9 if off else 5)
                 ax_acc.plot([k], [p.test_accuracy], ".", color=colour, ms=5, alpha=0.6)
-    ax_loss.set(xscale="log", yscale="log", xlabel="max_lr (AliG) / lr (SGD, Adam)",
+    uncapped = [(k, p) for by_knob in groups.values() for k, ps in by_knob.items()
+                for p in ps if p.knob is None]
+    for k, _ in uncapped[:1]:
+        for ax in (ax_loss, ax_acc):
+            ax.annotate("no cap", (k, 0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+    ax_loss.set(xscale="log", yscale="log", xlabel="max_lr (AliG) / lr (others)",
                 ylabel=f"final training loss (✕: diverged or > {top:g})", ylim=(None, 1.5 * top))
-    ax_acc.set(xscale="log", xlabel="max_lr (AliG) / lr (SGD, Adam)", ylabel="test accuracy",
+    ax_acc.set(xscale="log", xlabel="max_lr (AliG) / lr (others)", ylabel="test accuracy",
                ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(True, which="major", alpha=0.3)
@@ -158,17 +184,24 @@ def plot_curves(runs: list[RunRecord], path: str | Path, *, title: str = "") -> 
 
 def sweep_table(points: list[SweepPoint]) -> str:
     """Markdown: one row per (optimiser, knob); mean ± sample std over seeds."""
-    lines = ["| optimiser | max_lr / lr | seeds | final train loss | val accuracy | "
-             "test accuracy | diverged |", "|---|---|---|---|---|---|---|"]
+    has_val = any(math.isfinite(p.val_accuracy) for p in points)  # none for repeat copy
+    has_best = any(math.isfinite(p.best_test_accuracy) for p in points)
+    val_head = " val accuracy |" if has_val else ""
+    best_head = " test accuracy, best-val weights |" if has_best else ""
+    lines = [f"| optimiser | max_lr / lr | seeds | final train loss |{val_head} "
+             f"test accuracy |{best_head} diverged |",
+             "|---|---|---|---|---|---|" + "---|" * (has_val + has_best)]
     rows: dict[tuple[str, float | None], list[SweepPoint]] = {}
     for p in points:
         rows.setdefault((p.label, p.knob), []).append(p)
     for (label, knob), ps in rows.items():
         knob_text = "none" if knob is None else f"{knob:g}"
         loss = _mean_std([p.train_loss for p in ps], "{:.3g}")
-        val = _mean_std([p.val_accuracy for p in ps], "{:.4f}")
+        val = f" {_mean_std([p.val_accuracy for p in ps], '{:.4f}')} |" if has_val else ""
         test = _mean_std([p.test_accuracy for p in ps], "{:.4f}")
-        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss} | {val} | {test} | "
+        best = (f" {_mean_std([p.best_test_accuracy for p in ps], '{:.4f}')} |"
+                if has_best else "")
+        lines.append(f"| {label} | {knob_text} | {len(ps)} | {loss} |{val} {test} |{best} "
                      f"{sum(p.diverged for p in ps)}/{len(ps)} |")
     return "\n".join(lines) + "\n"
 
