@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, batches: list[Any]) -> dict[str, float]:
 
 def run_repeat_copy(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train the DNC for ``run.max_steps`` steps; return the final metrics."""
-    from bilevel.recipes.alig import _clipped, build_optimizer
+    from bilevel.recipes.alig import _clipped, build_optimizer, log_window
 
     device = resolve_device(config.run.device)
     task = RepeatCopy(batch_size=config.data.batch_size, seed=config.run.seed, device=device)
@@ -105,14 +105,7 @@ def run_repeat_copy(config: Config, run_dir: RunDir) -> dict[str, float]:
         window += torch.tensor([value, 1.0, float(_clipped(alig_opt))], dtype=torch.float64)
 
         if step % config.logging.every == 0 or step == T:
-            values = {"train/batch_loss": (window[0] / window[1]).item(),
-                      "optim/lr": opt.param_groups[0]["lr"] or float("inf")}
-            if alig_opt is not None:
-                values |= {"alig/step_size": float(alig_opt.step_size or 0.0),
-                           "alig/step_size_unclipped": float(alig_opt.step_size_unclipped or 0.0),
-                           "alig/clipped": (window[2] / window[1]).item()}
-            run_dir.log(step, values)
-            window.zero_()
+            log_window(run_dir, step, window, opt, alig_opt)
         if step % config.eval.every == 0 and step != T:
             run_dir.log(step, evaluate(model, held_out))
         run_dir.checkpoint(step, snapshot(), force=step == T)

@@ -281,14 +281,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         window += torch.tensor([loss.item(), 1.0, float(_clipped(alig_opt))], dtype=torch.float64)
 
         if step % config.logging.every == 0 or step == T:
-            values = {"train/batch_loss": (window[0] / window[1]).item(),
-                      "optim/lr": opt.param_groups[0]["lr"] or float("inf")}
-            if alig_opt is not None:
-                values |= {"alig/step_size": float(alig_opt.step_size or 0.0),
-                           "alig/step_size_unclipped": float(alig_opt.step_size_unclipped or 0.0),
-                           "alig/clipped": (window[2] / window[1]).item()}
-            run_dir.log(step, values)
-            window.zero_()
+            log_window(run_dir, step, window, opt, alig_opt)
         if step % config.eval.every == 0 and step != T:
             metrics = evaluate(model, ds, config.eval.train_size)
             _keep_best(best, step, metrics, model)
@@ -330,6 +323,20 @@ def _best_model_metrics(best: dict[str, Any], step: int, final: dict[str, float]
         model.load_state_dict(current)
     return {"best/step": float(best["step"]), "best/val_accuracy": m["val/accuracy"],
             "best/test_accuracy": m["test/accuracy"], "best/test_loss": m["test/loss"]}
+
+
+def log_window(run_dir: RunDir, step: int, window: torch.Tensor, opt: torch.optim.Optimizer,
+               alig_opt: AliG | None) -> None:
+    """Log the mean batch loss since the last log (``window`` = [loss sum, count, clipped
+    count]), the lr and AliG's step sizes, then reset the window."""
+    values = {"train/batch_loss": (window[0] / window[1]).item(),
+              "optim/lr": opt.param_groups[0]["lr"] or float("inf")}
+    if alig_opt is not None:
+        values |= {"alig/step_size": float(alig_opt.step_size or 0.0),
+                   "alig/step_size_unclipped": float(alig_opt.step_size_unclipped or 0.0),
+                   "alig/clipped": (window[2] / window[1]).item()}
+    run_dir.log(step, values)
+    window.zero_()
 
 
 def _clipped(opt: AliG | None) -> bool:
