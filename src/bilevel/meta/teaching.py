@@ -38,7 +38,7 @@ Example:
     >>> teacher = Teacher(gen, curriculum="learned", steps=3, batch_size=10, noise_dim=8)
     >>> hp = teacher.hparams()
     >>> x, y = teacher.batch(hp, 0)
-    >>> x.shape, y.tolist()[:3], round(float(teacher.learner_lr(hp)), 4)
+    >>> x.shape, y.tolist()[:3], round(float(teacher.learner_lr(hp).detach()), 4)
     (torch.Size([10, 1, 28, 28]), [0, 1, 2], 0.02)
 """
 
