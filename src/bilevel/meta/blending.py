@@ -23,7 +23,7 @@ and the whole hypergradient is the implicit term.
 Example:
     >>> import torch
     >>> m = init_logits(3)
-    >>> round(float(proportions(m)[0, 1]), 4)
+    >>> round(float(proportions(m)[0, 1].detach()), 4)
     0.8655
     >>> x, y = torch.rand(4, 2), torch.tensor([0, 1, 2, 0])
     >>> xb, lam = blend(x, y, m, torch.tensor([1, 0, 3, 2]))
