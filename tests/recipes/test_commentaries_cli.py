@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from bilevel.cli import main
+from bilevel.commands.commentaries import paired_ci
 from bilevel.errors import ConfigError
+from bilevel.meta import blending
 from bilevel.recipes import resolve
 from tests.cli.conftest import assert_same_tree, final_state, metrics_without_wall, run_cli
 
@@ -103,7 +105,43 @@ def test_blending_run_heatmaps_resume_and_three_arm_eval(tmp_path: Path) -> None
     assert _main("commentaries", "blend-eval", "--grid", whole, "--data", "digits", "--train-size",
                  "256", "--test-size", "64", "--epochs", "0.5", "--seeds", "0", "--out", out) == 0
     table = (out / "summary.md").read_text()
-    assert all(f"| {arm} | 1 |" in table for arm in ("none", "random", "learned")), table
+    assert all(f"| {arm} | 1 |" in table for arm in ("none", "random-seed", "learned")), table
+    assert "random-uniform" not in table and "| learned − none | 1 |" in table, table
+    assert json.loads((out / "random-seed-seed0.json").read_text())["arm"] == "random-seed"
+
+
+def test_blend_eval_both_random_arms_paired_ci(tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert _main("commentaries", "blend-eval", "--arms", "none", "random", "--random-arm", "seed",
+                 "uniform", "--data", "digits", "--train-size", "64", "--test-size", "32",
+                 "--epochs", "1", "--batch-size", "32", "--seeds", "0", "1", "--out", out) == 0
+    table = (out / "summary.md").read_text()
+    assert all(f"| {arm} | 2 |" in table for arm in ("none", "random-seed", "random-uniform"))
+    recs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    for arm in ("random-seed", "random-uniform"):
+        diffs = [recs[f"{arm}-seed{s}"]["test_acc"] - recs[f"none-seed{s}"]["test_acc"] for s in (0, 1)]
+        mean, half = paired_ci(diffs)
+        assert f"| {arm} − none | 2 | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in table
+
+
+def test_paired_ci_is_the_t_interval() -> None:
+    mean, half = paired_ci([0.01, 0.03, 0.02])
+    assert mean == pytest.approx(0.02) and half == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+
+
+def test_random_arms_seed_range_and_uniform_unchanged() -> None:
+    lo, hi = blending.SEED_RANDOM_RANGE
+    for seed in range(5):
+        lam = blending.proportions(blending.seed_random_logits(10, seed=seed))
+        assert lo <= lam.min() and lam.max() <= hi and lam.max() - lam.min() > 0.03
+    # the seed's own draw: np.random.RandomState(seed).uniform(0.5, 1.0, (C, C)) as M
+    want = np.random.RandomState(3).uniform(0.5, 1.0, (10, 10)).astype(np.float32)
+    assert torch.equal(blending.seed_random_logits(10, seed=3), torch.from_numpy(want))
+    # the uniform arm: λ ~ U(0.5, 1) from torch's generator, as before this option existed
+    u = torch.rand(10, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lam = blending.proportions(blending.random_logits(10, generator=torch.Generator().manual_seed(3)))
+    assert torch.allclose(lam.double(), 0.5 + 0.5 * u, atol=1e-6)
+    assert lam.min() < 0.6 and lam.max() > 0.9
 
 
 def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

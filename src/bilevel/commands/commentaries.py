@@ -8,7 +8,11 @@
 ``student`` writes ``<out>/<arm>-seed<N>.json`` (learning curves), then redraws
 ``<out>/learning_speed.png`` and ``<out>/summary.md`` from every curve file in ``<out>``, so
 the learned and baseline arms can be run separately. ``blend-eval`` does the same for the
-three arms of Alg. 2 (``none``, ``random``, ``learned``) with ``<out>/summary.md``.
+three arms of Alg. 2 (``none``, ``random``, ``learned``) with ``<out>/summary.md``: per-arm
+mean ± std and paired (same-seed) differences with 95% t-intervals. The random arm is
+``random-seed`` (the seed's ``--rand_mixup`` grid, λ in [0.635, 0.689]) by default, or
+``random-uniform`` (λ ~ U(0.5, 1)) with ``--random-arm uniform``; ``--random-arm seed uniform``
+runs both.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def register(sub: Any) -> None:
     b.add_argument("--grid", metavar="RUN_DIR", help="a commentaries_blending run (blending.pt)")
     b.add_argument("--arms", nargs="+", choices=("none", "random", "learned"),
                    default=["none", "random", "learned"])
+    b.add_argument("--random-arm", nargs="+", choices=("seed", "uniform"), default=["seed"],
+                   help="the random grid: 'seed' = the seed's (logits M ~ U(0.5, 1), so λ in "
+                        "[0.635, 0.689]); 'uniform' = λ ~ U(0.5, 1). Both: two labelled arms")
     b.add_argument("--model", choices=("cbr", "resnet18"), default="cbr")
     b.add_argument("--lr", type=float, default=0.1, help="SGD lr (seed: 0.1)")
     b.add_argument("--batch-size", type=int, default=128)
@@ -53,7 +60,7 @@ def register(sub: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser, *, epochs: float) -> None:
-    p.add_argument("--data", choices=("mnist", "digits"), default="mnist")
+    p.add_argument("--data", choices=("mnist", "fashion_mnist", "digits"), default="mnist")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--train-size", type=int, metavar="N", help="subsample the training split")
     p.add_argument("--test-size", type=int, metavar="N", default=10_000)
@@ -139,10 +146,14 @@ def _blend_eval(args: argparse.Namespace) -> int:
         if "learned" in args.arms else None
     data, out = _data(args), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for arm in args.arms:
+    arms = [a for arm in args.arms for a in
+            ([f"random-{r}" for r in dict.fromkeys(args.random_arm)] if arm == "random" else [arm])]
+    for arm in arms:
         for seed in args.seeds:
             grid = {"none": None, "learned": learned,
-                    "random": blending.random_logits(10, generator=torch.Generator().manual_seed(seed))}[arm]
+                    "random-seed": blending.seed_random_logits(10, seed=seed),
+                    "random-uniform": blending.random_logits(
+                        10, generator=torch.Generator().manual_seed(seed))}[arm]
             res = train_blended(grid, data=data, seed=seed, epochs=args.epochs, model=args.model,
                                 lr=args.lr, batch_size=args.batch_size)
             res |= {"arm": arm, "seed": seed, "args": _args(args)}
@@ -150,11 +161,24 @@ def _blend_eval(args: argparse.Namespace) -> int:
             print(f"{arm} seed {seed}: test acc {res['test_acc']:.4f}")
     recs = [json.loads(f.read_text()) for f in sorted(out.glob("*-seed*.json"))]
     rows = ["| arm | seeds | test acc (mean ± std) | test loss | train acc |", "|---|---|---|---|---|"]
-    for arm in ("none", "random", "learned"):
+    order = ("none", "random-seed", "random-uniform", "learned")
+    for arm in order:
         rs = [r for r in recs if r["arm"] == arm]
         if rs:
             rows.append(f"| {arm} | {len(rs)} | " + " | ".join(
                 _mean_std([r[k] for r in rs]) for k in ("test_acc", "test_loss", "train_acc")) + " |")
+    rows += ["", "Paired differences in test accuracy (same seed: same init, batches and partners; "
+             "95% t-interval over seeds):", "",
+             "| comparison | seeds | mean diff | 95% CI |", "|---|---|---|---|"]
+    acc = {(r["arm"], r["seed"]): r["test_acc"] for r in recs}
+    for a, b in [("learned", "none"), ("learned", "random-seed"), ("learned", "random-uniform"),
+                 ("random-seed", "none"), ("random-uniform", "none")]:
+        diffs = [acc[a, s] - acc[b, s] for s in sorted({s for (_, s) in acc})
+                 if (a, s) in acc and (b, s) in acc]
+        if diffs:
+            mean, half = paired_ci(diffs)
+            rows.append(f"| {a} − {b} | {len(diffs)} | {mean:+.4f} | "
+                        f"[{mean - half:+.4f}, {mean + half:+.4f}] |")
     (out / "summary.md").write_text("\n".join(rows) + "\n")
     print(f"wrote {out / 'summary.md'}")
     return 0
@@ -177,6 +201,21 @@ def _plot(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run}: neither curriculum.npz (commentaries_weighting) nor "
                           "blending.pt (commentaries_blending) is there")
     return 0
+
+
+# two-sided 97.5% quantiles of Student's t, df = 1..30 (beyond: the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95% t-interval (NaN for one seed)."""
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    t = _T975[len(diffs) - 2] if len(diffs) - 1 <= len(_T975) else 1.96
+    return mean, t * statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
 def _mean_std(values: Any) -> str:

@@ -23,7 +23,7 @@ and the whole hypergradient is the implicit term.
 Example:
     >>> import torch
     >>> m = init_logits(3)
-    >>> round(float(proportions(m)[0, 1]), 4)
+    >>> round(float(proportions(m)[0, 1].detach()), 4)
     0.8655
     >>> x, y = torch.rand(4, 2), torch.tensor([0, 1, 2, 0])
     >>> xb, lam = blend(x, y, m, torch.tensor([1, 0, 3, 2]))
@@ -58,15 +58,37 @@ def logits_for(lam: torch.Tensor) -> torch.Tensor:
 
     Used for the *random blending* baseline: draw ``λ ~ U(0.5, 1)`` and store its logits. (The
     seed's ``--rand_mixup`` pushes the U(0.5, 1) draws through ``1 − 0.5σ(·)`` as if they were
-    logits, so its "random" proportions all lie in ``[0.635, 0.689]``; we do not repeat that.)
+    logits, so its "random" proportions all lie in ``[0.635, 0.689]``: that arm is
+    :func:`seed_random_logits`.)
     """
     if not bool(((lam > 0.5) & (lam < 1.0)).all()):
         raise ValueError("blending proportions must lie strictly between 0.5 and 1")
     return torch.logit(2.0 * (1.0 - lam))
 
 
+SEED_RANDOM_RANGE = (0.6345, 0.6888)  # 1 − 0.5σ(1), 1 − 0.5σ(0.5), rounded outwards
+
+
+def seed_random_logits(num_classes: int, *, seed: int) -> torch.Tensor:
+    """The seed's random arm (``test_mixup.py --rand_mixup``): logits ``M_ij ~ U(0.5, 1)``.
+
+    The seed draws the random grid as ``M`` itself, the raw blending parameters, and pushes it
+    through ``λ = 1 − 0.5σ(M)`` like a learned grid, so every proportion lies in
+    ``[1 − 0.5σ(1), 1 − 0.5σ(0.5)] ≈ [0.6345, 0.6888]`` (:data:`SEED_RANDOM_RANGE`): much more
+    blending than the learned grid's start (0.866). The draw is the seed's own
+    (``np.random.RandomState(seed).uniform(0.5, 1.0, (C, C))`` in float32), so seed ``s`` gives
+    the seed's grid for ``--seed s``. Not requiring grad.
+    """
+    import numpy as np
+
+    grid = np.random.RandomState(seed).uniform(0.5, 1.0, (num_classes, num_classes))
+    return torch.from_numpy(grid.astype(np.float32))
+
+
 def random_logits(num_classes: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Logits of proportions drawn i.i.d. ``U(0.5, 1)`` per class pair (not requiring grad)."""
+    """Logits of proportions drawn i.i.d. ``U(0.5, 1)`` per class pair (not requiring grad).
+
+    Our uniform random arm; :func:`seed_random_logits` is the seed's."""
     u = torch.rand(num_classes, num_classes, generator=generator, dtype=torch.float64)
     lam = 0.5 + 0.5 * u.clamp(1e-6, 1 - 1e-6)
     return logits_for(lam).float()

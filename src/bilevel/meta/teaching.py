@@ -14,12 +14,16 @@ learns about how a fresh learner should be trained for ``steps`` SGD steps:
 
   ``Z`` is initialised ``U[0, 1)`` as in ``GoodAI/GTN``;
 * the labels, fixed per batch position: ``y_b = b mod num_classes`` at every inner step;
-* the learner's learning rate and momentum, stored unconstrained:
+* the learner's learning rate and momentum, stored as ``lr_raw`` and ``momentum_raw``
+  (initial values 0.02 and 0.5 as in the seed) and read through ``lr_param``:
 
-  .. math:: \eta = \operatorname{softplus}(\rho_\eta), \qquad
-            \mu = \operatorname{sigmoid}(\rho_\mu)
-
-  (``lr_raw`` and ``momentum_raw``; initial values 0.02 and 0.5 as in the seed).
+  - ``"softplus"`` (default): :math:`\eta = \operatorname{softplus}(\rho_\eta)`,
+    :math:`\mu = \operatorname{sigmoid}(\rho_\mu)`, always valid;
+  - ``"raw"``: :math:`\eta = \rho_\eta`, :math:`\mu = \rho_\mu`, as ``GoodAI/GTN`` learns
+    them (nothing keeps them positive or the momentum below 1);
+  - ``"capped"``: the raw values clamped into ``lr_range`` and ``momentum_range``; outside the
+    range the hypergradient of that value is zero (``torch.clamp``'s), so it stays at the bound
+    until Adam's momentum carries it back.
 
 Everything is read *functionally* from a parameter dict ``hp`` (``dict(teacher.named_parameters())``
 or a tree handed to a hypergradient method), so the teacher can sit in the ``hparams`` of
@@ -34,7 +38,7 @@ Example:
     >>> teacher = Teacher(gen, curriculum="learned", steps=3, batch_size=10, noise_dim=8)
     >>> hp = teacher.hparams()
     >>> x, y = teacher.batch(hp, 0)
-    >>> x.shape, y.tolist()[:3], round(float(teacher.learner_lr(hp)), 4)
+    >>> x.shape, y.tolist()[:3], round(float(teacher.learner_lr(hp).detach()), 4)
     (torch.Size([10, 1, 28, 28]), [0, 1, 2], 0.02)
 """
 
@@ -51,6 +55,8 @@ from bilevel.functional import call
 
 Curriculum = Literal["learned", "random_fixed", "random"]
 CURRICULA: tuple[str, ...] = ("learned", "random_fixed", "random")
+LrParam = Literal["softplus", "raw", "capped"]
+LR_PARAMS: tuple[str, ...] = ("softplus", "raw", "capped")
 
 
 def softplus_inverse(value: float) -> float:
@@ -80,21 +86,35 @@ class Teacher(nn.Module):
         lr: initial learner learning rate (> 0).
         momentum: initial learner momentum in (0, 1).
         seed: seed of the generator drawing the initial (or fixed) ``Z``.
+        lr_param: how ``lr_raw``/``momentum_raw`` map to lr and momentum (module docstring).
+        lr_range: ``(low, high)`` of the lr for ``"capped"``.
+        momentum_range: ``(low, high)`` of the momentum for ``"capped"``.
     """
 
     def __init__(self, generator: nn.Module, *, curriculum: Curriculum, steps: int,
                  batch_size: int, noise_dim: int, num_classes: int = 10, lr: float = 0.02,
-                 momentum: float = 0.5, seed: int = 0) -> None:
+                 momentum: float = 0.5, seed: int = 0, lr_param: LrParam = "softplus",
+                 lr_range: tuple[float, float] = (1e-4, 1.0),
+                 momentum_range: tuple[float, float] = (0.0, 0.99)) -> None:
         super().__init__()
         if curriculum not in CURRICULA:
             raise ValueError(f"curriculum must be one of {CURRICULA}, got {curriculum!r}")
+        if lr_param not in LR_PARAMS:
+            raise ValueError(f"lr_param must be one of {LR_PARAMS}, got {lr_param!r}")
+        if lr_param == "capped" and not (lr_range[0] <= lr <= lr_range[1]
+                                         and momentum_range[0] <= momentum <= momentum_range[1]):
+            raise ValueError(f"capped: the initial lr {lr} and momentum {momentum} must lie in "
+                             f"lr_range {lr_range} and momentum_range {momentum_range}")
+        self.lr_param: LrParam = lr_param
+        self.lr_range, self.momentum_range = tuple(lr_range), tuple(momentum_range)
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
         self.curriculum: Curriculum = curriculum
         self.steps, self.batch_size, self.noise_dim = steps, batch_size, noise_dim
         self.generator = generator
-        self.lr_raw = nn.Parameter(torch.tensor(softplus_inverse(lr)))
-        self.momentum_raw = nn.Parameter(torch.tensor(logit(momentum)))
+        smooth = lr_param == "softplus"
+        self.lr_raw = nn.Parameter(torch.tensor(softplus_inverse(lr) if smooth else float(lr)))
+        self.momentum_raw = nn.Parameter(torch.tensor(logit(momentum) if smooth else float(momentum)))
         z0 = torch.rand(steps, batch_size, noise_dim, generator=torch.Generator().manual_seed(seed))
         if curriculum == "learned":
             self.z = nn.Parameter(z0)  # [T, B, d]
@@ -106,15 +126,19 @@ class Teacher(nn.Module):
         """The learned tensors by name (the ``hparams`` tree of a hypergradient method)."""
         return dict(self.named_parameters())
 
-    @staticmethod
-    def learner_lr(hp: dict[str, Tensor]) -> Tensor:
-        """:math:`\\eta = \\operatorname{softplus}(\\rho_\\eta)`."""
-        return F.softplus(hp["lr_raw"])
+    def learner_lr(self, hp: dict[str, Tensor]) -> Tensor:
+        """The learner's lr from ``hp["lr_raw"]``: softplus, raw, or raw clamped (``lr_param``)."""
+        rho = hp["lr_raw"]
+        if self.lr_param == "softplus":
+            return F.softplus(rho)
+        return rho if self.lr_param == "raw" else rho.clamp(*self.lr_range)
 
-    @staticmethod
-    def learner_momentum(hp: dict[str, Tensor]) -> Tensor:
-        """:math:`\\mu = \\operatorname{sigmoid}(\\rho_\\mu)`."""
-        return torch.sigmoid(hp["momentum_raw"])
+    def learner_momentum(self, hp: dict[str, Tensor]) -> Tensor:
+        """The learner's momentum from ``hp["momentum_raw"]``: sigmoid, raw, or raw clamped."""
+        rho = hp["momentum_raw"]
+        if self.lr_param == "softplus":
+            return torch.sigmoid(rho)
+        return rho if self.lr_param == "raw" else rho.clamp(*self.momentum_range)
 
     def sample_noise(self, *, generator: torch.Generator | None = None) -> Tensor | None:
         """Fresh ``Z`` ``[T, B, d]`` for the ``random`` curriculum, else ``None`` (no draw)."""

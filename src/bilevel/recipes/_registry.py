@@ -43,6 +43,7 @@ RECIPES: dict[str, str] = {
     "onepass": "bilevel.recipes.onepass",
     "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
     "auxilearn": "bilevel.recipes.auxilearn",
+    "auxilearn_labels": "bilevel.recipes.auxilearn_labels",
 }
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 

@@ -53,7 +53,7 @@ Splits = dict[str, tuple[torch.Tensor, torch.Tensor]]
 class ImageDataConfig(Section):
     """Images for the CBR networks; ``*_size`` subsample a split (``None``: all of it)."""
 
-    name: Literal["mnist", "digits"] = "mnist"
+    name: Literal["mnist", "fashion_mnist", "digits"] = "mnist"
     data_dir: str | None = None
     split_seed: int = Field(0, ge=0, description="seed of the train/val split (the seed's)")
     batch_size: int = Field(8, gt=0)
@@ -120,7 +120,7 @@ def load_images(cfg: ImageDataConfig, device: torch.device) -> tuple[Splits, dic
     from bilevel.data import load_dataset
 
     ds = load_dataset(cfg.name, cfg.data_dir, split_seed=cfg.split_seed,
-                      normalize=cfg.name == "mnist")
+                      normalize=cfg.name != "digits")
     sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
     gen = torch.Generator().manual_seed(cfg.split_seed + 1)
     out: Splits = {}

@@ -44,7 +44,7 @@ from torch import Tensor
 from bilevel import hypergrad
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.functional import call, module_state
-from bilevel.meta.teaching import Curriculum, Teacher
+from bilevel.meta.teaching import Curriculum, LrParam, Teacher
 from bilevel.models import GTNLearner, GTNTeacher
 from bilevel.optim import sgd
 from bilevel.report.gtn_plots import image_grid
@@ -87,6 +87,11 @@ class TeacherSection(Section):
     map_filters: int = Field(64, gt=0)
     map_size: int = Field(7, gt=0)
     conv1_filters: int = Field(64, gt=0)
+    lr_param: LrParam = Field(
+        "softplus", description="learner lr/momentum: softplus/sigmoid of raw values (default), "
+        "raw (GoodAI's), or capped (raw clamped into lr_range / momentum_range)")
+    lr_range: tuple[float, float] = Field((1e-4, 1.0), description="capped: lr bounds")
+    momentum_range: tuple[float, float] = Field((0.0, 0.99), description="capped: momentum bounds")
 
 
 class LearnerSection(Section):
@@ -139,6 +144,14 @@ class Config(Section):
         if self.data.image_size % map_size or size != self.data.image_size:
             problems.append(f"teacher.map_size ({map_size}) must divide data.image_size "
                             f"({self.data.image_size}); the original teacher needs image_size 28")
+        if self.teacher.lr_param == "capped":
+            (lo, hi), (mlo, mhi) = self.teacher.lr_range, self.teacher.momentum_range
+            if not (0 <= lo < hi and 0 <= mlo < mhi <= 1 and lo <= self.inner.lr <= hi
+                    and mlo <= self.inner.momentum <= mhi):
+                problems.append(f"teacher.lr_range {self.teacher.lr_range} / momentum_range "
+                                f"{self.teacher.momentum_range}: need 0 <= low < high (momentum "
+                                f"high <= 1) containing inner.lr {self.inner.lr} and "
+                                f"inner.momentum {self.inner.momentum}")
         if self.run.nan_policy == "rollback":
             problems.append("run.nan_policy: gtn supports skip or abort, not rollback (each "
                             "outer step starts a fresh learner, so skip loses nothing)")
@@ -182,7 +195,8 @@ def build_teacher(config: Config, *, seed: int) -> Teacher:
                          out_size=config.data.image_size)
     return Teacher(gen, curriculum=tc.curriculum, steps=config.hypergrad.steps,
                    batch_size=tc.batch_size, noise_dim=tc.noise_dim, lr=config.inner.lr,
-                   momentum=config.inner.momentum, seed=seed)
+                   momentum=config.inner.momentum, seed=seed, lr_param=tc.lr_param,
+                   lr_range=tc.lr_range, momentum_range=tc.momentum_range)
 
 
 def build_learner(config: Config) -> GTNLearner:
@@ -225,7 +239,7 @@ def make_inner_step(learner: GTNLearner, teacher: Teacher, config: Config,
         return loss / out.shape[1] if kl else loss
 
     return hypergrad.problem(learner, train_loss, lambda model, hp: hp, hparams=teacher.hparams(),
-                             rule=sgd, lr=Teacher.learner_lr, momentum=Teacher.learner_momentum).step
+                             rule=sgd, lr=teacher.learner_lr, momentum=teacher.learner_momentum).step
 
 
 def make_meta_loss(learner: GTNLearner, x: Tensor, y: Tensor, sink: dict[str, Tensor]) -> Any:
@@ -347,8 +361,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         values: dict[str, float] = {}
         if step % config.logging.every == 0 or last:
             values.update({"meta/loss": float(r.outer_loss), "meta/acc": float(meta_out["acc"]),
-                           "hyper/lr": float(Teacher.learner_lr(hp).detach()),
-                           "hyper/momentum": float(Teacher.learner_momentum(hp).detach()),
+                           "hyper/lr": float(teacher.learner_lr(hp).detach()),
+                           "hyper/momentum": float(teacher.learner_momentum(hp).detach()),
                            "hypergrad/norm": float(gnorm), "time/outer_s": seconds,
                            "sys/rss_mb": rss_mb(), "sys/peak_rss_mb": peak_rss_mb()})
         if step % config.eval.every == 0 or last:
