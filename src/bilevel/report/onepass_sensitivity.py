@@ -74,16 +74,17 @@ def markdown(cells: list[Cell], randoms: dict[int, BootstrapSummary], metric: st
     """Rows T, columns i: median ± std (wins/paired vs Random); last column Random's median."""
     Ts, Is = sorted({c.T for c in cells}), sorted({c.i for c in cells})
     at = {(c.T, c.i): c for c in cells}
-    lines = [f"Median final {metric} ± bootstrap std (initialisations where the cell beat Random "
-             "at the same T / paired)", "",
+    lines = [f"Median final {metric} ± bootstrap std over the finite runs (initialisations where "
+             "the cell beat Random at the same T / paired; diverged runs)", "",
              "| T \\ i | " + " | ".join(f"i = {i}" for i in Is) + " | Random |",
              "|---|" + "---:|" * (len(Is) + 1)]
     for T in Ts:
         row = []
         for i in Is:
             c = at.get((T, i))
+            nan = f", {c.stats.dropped} NaN" if c is not None and c.stats.dropped else ""
             row.append("—" if c is None else
-                       f"{c.stats.median:.3g} ± {c.stats.median_std:.2g} ({c.wins}/{c.paired})")
+                       f"{c.stats.median:.3g} ± {c.stats.median_std:.2g} ({c.wins}/{c.paired}{nan})")
         r = randoms.get(T)
         row.append("—" if r is None else f"{r.median:.3g} ± {r.median_std:.2g}")
         lines.append(f"| T = {T} | " + " | ".join(row) + " |")
