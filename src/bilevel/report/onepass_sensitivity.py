@@ -109,8 +109,9 @@ def heatmap(cells: list[Cell], metric: str, path: Path) -> Path:
     im = ax.imshow(grid, origin="lower", cmap="viridis_r", norm=norm)
     for c in cells:
         y, x = Ts.index(c.T), Is.index(c.i)
+        light = norm is not None and math.isfinite(c.stats.median) and norm(c.stats.median) < 0.5
         ax.text(x, y, f"{c.stats.median:.3g}\n{c.wins}/{c.paired}", ha="center", va="center",
-                fontsize=7, color="white")
+                fontsize=7, color="black" if light else "white")  # dark text on the yellow end
     ax.set_xticks(range(len(Is)), [str(i) for i in Is])
     ax.set_yticks(range(len(Ts)), [str(T) for T in Ts])
     ax.set_xlabel("Neumann terms i")
