@@ -157,6 +157,9 @@ def test_figure_and_table_place_the_uncapped_run(tmp_path: Path) -> None:
 
 def test_labels_name_each_baseline() -> None:
     assert label_of({"name": "sgd", "momentum": 0.0, "clip_grad_norm": 50.0}) == "SGD (clip 50)"
+    standard = {"name": "alig", "momentum": 0.9, "max_norm": 20.0, "adjusted_momentum": False}
+    assert label_of(standard) == "AliG (μ=0.9, ‖w‖ ≤ 20)"
+    assert label_of({**standard, "adjusted_momentum": True}) == "AliG (μ=0.9, adjusted, ‖w‖ ≤ 20)"
     assert label_of({"name": "sgd", "momentum": 0.9, "nesterov": True,
                      "clip_grad_norm": 50.0}) == "NAG (μ=0.9, clip 50)"
     assert label_of({"name": "rmsprop", "clip_grad_norm": 50.0}) == "RMSprop (clip 50)"

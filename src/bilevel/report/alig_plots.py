@@ -55,7 +55,8 @@ def label_of(optim: Mapping[str, Any]) -> str:
     clip = f", clip {optim['clip_grad_norm']:g}" if optim.get("clip_grad_norm") else ""
     if optim["name"] == "alig":
         ball = f", ‖w‖ ≤ {optim['max_norm']:g}" if optim.get("max_norm") else ""
-        return f"AliG (μ={optim['momentum']:g}{ball}{clip})"
+        adjusted = ", adjusted" if optim.get("adjusted_momentum") else ""  # the other form
+        return f"AliG (μ={optim['momentum']:g}{adjusted}{ball}{clip})"
     if optim["name"] == "sgd":
         sched = " + step schedule" if optim.get("decay_at") else ""
         name = "NAG" if optim.get("nesterov") else "SGD"
