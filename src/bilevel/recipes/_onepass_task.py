@@ -29,6 +29,7 @@ from bilevel.data import Dataset, IndexSampler, Split, batchify, load_dataset
 from bilevel.functional import call
 from bilevel.models import MLP, LSTMLanguageModel, resnet18
 from bilevel.run import Section
+from bilevel.run.schema import MAX_SEED, Width
 
 Batch = tuple[Any, ...]
 
@@ -38,7 +39,7 @@ class DataSection(Section):
 
     name: str = Field("uci_energy", description="a bilevel data set name (`bilevel data list`)")
     data_dir: str | None = None
-    split_seed: int | None = Field(None, description="None: the publisher's/seed's fixed split")
+    split_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: the publisher's/seed's fixed split")
     val_size: int | None = Field(None, ge=1, description="None: the seed's validation size")
     batch_size: int | None = Field(None, gt=0, description="None: full batch")
     bptt: int = Field(70, gt=0, description="language models: steps per batch")
@@ -49,7 +50,7 @@ class ModelSection(Section):
     """The network: ``mlp`` (widths ``[d_in, *hidden, d_out]``), ``resnet18`` or ``lstm``."""
 
     name: Literal["mlp", "resnet18", "lstm"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [50])
+    hidden: list[Width] = Field(default_factory=lambda: [50])
     batch_norm: bool = False
     embedding_dim: int = Field(650, gt=0)
     hidden_size: int = Field(650, gt=0)

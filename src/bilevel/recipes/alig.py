@@ -56,6 +56,7 @@ from bilevel.run import (
     resolve_device,
 )
 from bilevel.run.faults import kill_point
+from bilevel.run.schema import Beta
 
 CLASSIFICATION = ("mnist", "fashion_mnist", "mnist1d", "digits", "cifar10", "cifar100", "svhn")
 SEQUENCE = ("repeat_copy",)  # generated tasks, trained with model.name: dnc
@@ -74,7 +75,7 @@ class OptimConfig(Section):
                              "(1e-2), rmsprop (1e-2): learning rate")
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="alig, sgd (0.9)")
     nesterov: bool | None = Field(None, description="sgd: Nesterov momentum (false)")
-    betas: tuple[float, float] | None = Field(None, description="adam (0.9, 0.999)")
+    betas: tuple[Beta, Beta] | None = Field(None, description="adam (0.9, 0.999)")
     weight_decay: float | None = Field(None, ge=0.0, description="sgd, adam (0); alig: max_norm")
     decay_at: list[float] | None = Field(None, description="sgd: fractions of run.max_steps "
                                          "where lr is multiplied by decay_factor ([])")

@@ -51,6 +51,7 @@ from bilevel.run import (
     Section,
     resolve_device,
 )
+from bilevel.run.schema import Width
 
 TASKS = {"parity": 2, "gt4": 2, "rotation": 4, "noise": 10}  # auxiliary task -> classes
 
@@ -67,7 +68,7 @@ class TasksConfig(Section):
 class MetaConfig(Section):
     """AuxiLearn's meta-step: MetaOptimizer settings and the meta-optimiser (SGD)."""
 
-    combiner_hidden: list[int] = Field([10], description="hidden widths (nonlinear only)")
+    combiner_hidden: list[Width] = Field([10], description="hidden widths (nonlinear only)")
     combiner_init: tuple[float, float] = Field(
         (0.0, 1.0), description="uniform init range of the nonlinear combiner's weights")
     aux_per_class: int = Field(1, gt=0, description="labelled images per class held out")

@@ -17,7 +17,7 @@ Run it::
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.functional import load_into
@@ -48,8 +48,8 @@ class Config(Section):
     hparam: HParamConfig = HParamConfig(name="lr", granularity="tensor", low=-6.0, high=0.0)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.05)
     hypergrad: HypergradConfig = HypergradConfig(method="one_pass", steps=10, iters=5)
-    val_batch: int = 1000
-    eval_every: int = 50
+    val_batch: int = Field(1000, gt=0, le=2**20)
+    eval_every: int = Field(50, gt=0)
     run: RunConfig
     logging: LoggingConfig = LoggingConfig(every=10)
     checkpoint: CheckpointConfig = CheckpointConfig()
