@@ -93,7 +93,7 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             r = verify_dataset(name, args.data_dir)
         except DataError as exc:
-            print(f"{name}: FAILED: {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)  # the message names the set
             code = max(code, exc.exit_code)
             continue
         detail = "computed on demand, no fetch needed" if r["status"] == "generated" else f"{r['arrays']} arrays"
