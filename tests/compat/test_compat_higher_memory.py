@@ -11,32 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import bilevel.compat.higher as higher
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created under it that are still alive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ref = StorageWeakRef(storage)
-                self.seen[ref.cdata] = (ref, storage.nbytes())
-        return out
-
-    def live(self) -> int:
-        self.seen = {k: v for k, v in self.seen.items() if not v[0].expired()}
-        return sum(n for _, n in self.seen.values())
+from tests.hypergrad.live_bytes import LiveBytes  # one live-storage counter for all tests
 
 
 def _setup():
@@ -69,7 +46,7 @@ def _outer_loops(n: int, *, keep: bool) -> list[int]:
             if keep:
                 kept.append(fnet)
             if it + 1 in (20, n):
-                marks.append(tracker.live())
+                marks.append(tracker.live)
     return marks
 
 
@@ -91,7 +68,7 @@ def _inner_steps(n: int, *, track: bool) -> list[int]:
             x, y = data[it % 4]
             diffopt.step(((fnet(x) - y) ** 2).mean())
             if it + 1 in (20, n):
-                marks.append(tracker.live())
+                marks.append(tracker.live)
     return marks
 
 
