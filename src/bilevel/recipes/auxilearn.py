@@ -1,19 +1,21 @@
 """auxilearn: learn how to combine auxiliary losses (Navon et al., ICLR 2021) on few labels.
 
-Main task: digit classification from ``tasks.labels_per_class`` labelled images per class.
-Auxiliary tasks, all on the same images, of mixed usefulness:
-
-* ``parity`` (even/odd) and ``gt4`` (digit > 4): coarse versions of the main label;
-* ``rotation``: predict which multiple of 90° the image was rotated by (self-supervised);
-* ``noise``: a fixed random 10-class label per image, deliberately harmful.
+Main task: image classification (MNIST, Fashion-MNIST or digits) from
+``tasks.labels_per_class`` labelled images per class. Auxiliary tasks of mixed usefulness
+(:mod:`bilevel.recipes._auxilearn_tasks`): ``parity`` and ``gt4`` (coarse versions of the
+label), ``rotation`` and ``flip`` (self-supervised: which transform was applied; on an
+unlabelled pool when ``tasks.unlabelled > 0``, where they carry signal the labels do not),
+and ``noise`` (a fixed random label per image, deliberately harmful).
 
 A shared trunk (MLP) has one head per task; ``losses[b, j]`` is the per-example loss matrix
 ``[B, T]`` (column 0 is the main task). ``method`` picks the training loss:
-``stl`` (main only), ``equal`` (sum of all columns), or a learned combiner ``linear``
+``stl`` (main only), ``equal`` (sum of all columns), ``fixed`` (main + ``tasks.weights``
+· auxiliary columns), or a learned combiner ``linear``
 (monotone, weights start at 1 = equal weighting) or ``nonlinear`` (monotone MLP with a skip
 connection on the main loss). For the learned ones, ``meta.aux_per_class`` images per class are
 held out of the labelled pool as the *auxiliary set* (the primary net never trains on them;
-the baselines train on the whole pool, so every method sees the same labels). Every
+the baselines train on the whole pool, so every method sees the same labels, unless
+``tasks.baselines_hold_out`` holds it out of theirs too). Every
 ``meta.every`` steps, following AuxiLearn's protocol::
 
     L_A = main-task loss on one batch of the auxiliary set
@@ -37,9 +39,17 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from bilevel.data import IndexSampler, load_dataset
+from bilevel.data import IndexSampler
 from bilevel.hypergrad import MetaOptimizer
 from bilevel.meta.auxiliary import LinearCombiner, NonlinearCombiner, task_weights
+from bilevel.recipes._auxilearn_tasks import (
+    SIDE,
+    TASKS,
+    MultiTaskNet,
+    accuracy,
+    per_task_losses,
+    splits,
+)
 from bilevel.run import (
     CheckpointConfig,
     DataConfig,
@@ -53,16 +63,23 @@ from bilevel.run import (
 )
 from bilevel.run.schema import Width
 
-TASKS = {"parity": 2, "gt4": 2, "rotation": 4, "noise": 10}  # auxiliary task -> classes
-
 
 class TasksConfig(Section):
     """The labelled pool and the auxiliary tasks (the main task is always digit class)."""
 
     labels_per_class: int = Field(10, gt=1, description="labelled training images per class")
-    auxiliary: list[Literal["parity", "gt4", "rotation", "noise"]] = Field(
+    auxiliary: list[Literal["parity", "gt4", "rotation", "flip", "noise"]] = Field(
         default_factory=lambda: ["parity", "gt4", "rotation", "noise"])
     val_size: int = Field(1000, gt=0, description="validation images used for model selection")
+    unlabelled: int = Field(0, ge=0, description=(
+        "unlabelled training images for the self-supervised tasks (rotation, flip); "
+        "0: they use the labelled images"))
+    weights: list[float] | None = Field(None, description=(
+        "method fixed: the weight of each auxiliary task, in the order of `auxiliary` "
+        "(the main task's weight is 1)"))
+    baselines_hold_out: bool = Field(False, description=(
+        "hold the auxiliary set out of stl/equal/fixed too, so that every method trains the "
+        "primary net on exactly the same labels"))
 
 
 class MetaConfig(Section):
@@ -86,7 +103,7 @@ class MetaConfig(Section):
 class Config(Section):
     """auxilearn's config."""
 
-    method: Literal["stl", "equal", "linear", "nonlinear"] = "linear"
+    method: Literal["stl", "equal", "fixed", "linear", "nonlinear"] = "linear"
     data: DataConfig = DataConfig(name="mnist", batch_size=32)
     tasks: TasksConfig = TasksConfig()
     model: ModelConfig = ModelConfig(name="mlp", hidden=[256, 128])
@@ -100,9 +117,19 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.data.name not in ("mnist", "digits"):
-            raise ValueError(f"data.name must be 'mnist' or 'digits', got {self.data.name!r}")
-        if self.method in ("linear", "nonlinear") and (
+        if self.data.name not in SIDE:
+            raise ValueError(f"data.name must be one of {sorted(SIDE)}, got {self.data.name!r}")
+        w = self.tasks.weights
+        if (self.method == "fixed") != (w is not None):
+            raise ValueError("tasks.weights is required by method 'fixed' and read by no other "
+                             "method: set both or neither")
+        if w is not None and (len(w) != len(self.tasks.auxiliary) or min(w, default=0) < 0):
+            raise ValueError(f"tasks.weights: one non-negative weight per auxiliary task "
+                             f"{self.tasks.auxiliary}, got {w}")
+        if self.tasks.unlabelled and not set(self.tasks.auxiliary) & {"rotation", "flip"}:
+            raise ValueError("tasks.unlabelled feeds only the self-supervised tasks: add "
+                             "rotation or flip to tasks.auxiliary, or set tasks.unlabelled: 0")
+        if (self.method in ("linear", "nonlinear") or self.tasks.baselines_hold_out) and (
                 self.meta.aux_per_class >= self.tasks.labels_per_class):
             raise ValueError(
                 f"meta.aux_per_class ({self.meta.aux_per_class}) must be below "
@@ -111,73 +138,10 @@ class Config(Section):
         return self
 
 
-def _splits(config: Config, device: torch.device) -> dict[str, Any]:
-    """Labelled pool (class-balanced, fixed by data.split_seed), aux set, val subset, test."""
-    ds = load_dataset(config.data.name, data_dir=config.data.data_dir)
-    side = 28 if config.data.name == "mnist" else 8
-    img = lambda x: x.reshape(len(x), 1, side, side).to(device)  # noqa: E731
-    g = torch.Generator().manual_seed(config.data.split_seed)
-    per_class = config.tasks.labels_per_class
-    hold = config.meta.aux_per_class if config.method in ("linear", "nonlinear") else 0
-    train_idx, aux_idx = [], []
-    for c in range(10):
-        idx = torch.nonzero(ds.train.y == c).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
-        train_idx.append(idx[hold:])
-        aux_idx.append(idx[:hold])
-    pool = torch.cat(train_idx)
-    noise = torch.randint(0, 10, (len(ds.train.y),), generator=g)  # fixed random labels
-    val = torch.randperm(len(ds.val.y), generator=g)[: config.tasks.val_size]
-    out = {"train": (img(ds.train.x[pool]), ds.train.y[pool].to(device), noise[pool].to(device)),
-           "val": (img(ds.val.x[val]), ds.val.y[val].to(device)),
-           "test": (img(ds.test.x), ds.test.y.to(device))}
-    if hold:
-        aux = torch.cat(aux_idx)
-        out["aux"] = (img(ds.train.x[aux]), ds.train.y[aux].to(device))
-    return out
-
-
-class MultiTaskNet(nn.Module):
-    """A shared MLP trunk over the flattened image and one linear head per task."""
-
-    def __init__(self, in_dim: int, hidden: list[int], heads: dict[str, int]) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        for h in hidden:
-            layers += [nn.Linear(in_dim, h), nn.ReLU()]
-            in_dim = h
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({k: nn.Linear(in_dim, n) for k, n in heads.items()})
-
-    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
-        return self.heads[head](self.trunk(x))
-
-
-def per_task_losses(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor,
-                    rot: torch.Tensor, tasks: list[str]) -> torch.Tensor:
-    """The per-example loss matrix ``[B, 1 + len(tasks)]``, main task first."""
-    z = model.trunk(x)
-    targets = {"parity": y % 2, "gt4": (y > 4).long(), "noise": noise}
-    cols = [F.cross_entropy(model.heads["main"](z), y, reduction="none")]
-    for t in tasks:
-        if t == "rotation":  # rotate image b by rot[b] * 90 degrees, predict rot[b]
-            xr = torch.stack([torch.rot90(xi, int(k), (1, 2)) for xi, k in zip(x, rot, strict=True)])
-            cols.append(F.cross_entropy(model(xr, "rotation"), rot, reduction="none"))
-        else:
-            cols.append(F.cross_entropy(model.heads[t](z), targets[t], reduction="none"))
-    return torch.stack(cols, 1)  # [B, T]
-
-
-@torch.no_grad()
-def accuracy(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x, "main").argmax(1) == y).float().mean())
-
-
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train the multi-task net with ``config.method``; return test accuracy at best val."""
     device = resolve_device(config.run.device)
-    data = _splits(config, device)
+    data = splits(config, device)
     tasks = list(config.tasks.auxiliary)
     x_tr, y_tr, noise_tr = data["train"]
     model = MultiTaskNet(x_tr[0].numel(), config.model.hidden,
@@ -186,6 +150,11 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=inner.lr, weight_decay=inner.weight_decay,
                           momentum=inner.momentum if inner.name != "sgd" else 0.0)
     sampler = IndexSampler(len(y_tr), config.data.batch_size, seed=config.run.seed)
+    samplers = {"sampler": sampler}  # every sampler, by its checkpoint key
+    x_un = data.get("unlabelled")
+    if x_un is not None:
+        samplers["unlabelled"] = IndexSampler(len(x_un), config.data.batch_size,
+                                              seed=config.run.seed + 3)
     n_tasks = 1 + len(tasks)
     combiner: nn.Module | None = None
     if config.method == "linear":
@@ -205,25 +174,31 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         aux_sampler = IndexSampler(len(data["aux"][1]), min(m.batch_size, len(data["aux"][1])),
                                    seed=config.run.seed + 1)
         meta_sampler = IndexSampler(len(y_tr), m.batch_size, seed=config.run.seed + 2)
+        samplers |= {"aux_sampler": aux_sampler, "meta_sampler": meta_sampler}
+        if x_un is not None:
+            samplers["meta_unlabelled"] = IndexSampler(len(x_un), m.batch_size,
+                                                       seed=config.run.seed + 4)
+    fixed = torch.tensor([1.0, *(config.tasks.weights or [])], device=device)
     best = {"val/acc": -1.0, "test/acc_at_best_val": 0.0, "best_step": 0.0}
 
-    def train_loss(idx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rot = (idx + step) % 4  # deterministic rotations: resumable without extra RNG
-        ell = per_task_losses(model, x_tr[idx], y_tr[idx], noise_tr[idx], rot, tasks)
+    def train_loss(idx: torch.Tensor, step: int, u_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        u_idx = next(samplers[u_key]) if x_un is not None else None
+        ell = per_task_losses(model, x_tr[idx], y_tr[idx], noise_tr[idx], idx, step, tasks,
+                              None if u_idx is None else x_un[u_idx], u_idx)
         if config.method == "stl":
             return ell[:, 0].mean(), ell
         if config.method == "equal":
             return ell.sum(1).mean(), ell
+        if config.method == "fixed":
+            return (ell * fixed).sum(1).mean(), ell
         assert combiner is not None
         return combiner(ell), ell
 
     def snapshot() -> dict[str, Any]:
-        state = {"model": model.state_dict(), "opt": opt.state_dict(),
-                 "sampler": sampler.state_dict(), "best": dict(best)}
-        if combiner is not None and meta_opt is not None and aux_sampler is not None:
-            state |= {"combiner": combiner.state_dict(), "meta_opt": meta_opt.state_dict(),
-                      "aux_sampler": aux_sampler.state_dict(),
-                      "meta_sampler": meta_sampler.state_dict()}
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "best": dict(best),
+                 **{k: v.state_dict() for k, v in samplers.items()}}
+        if combiner is not None and meta_opt is not None:
+            state |= {"combiner": combiner.state_dict(), "meta_opt": meta_opt.state_dict()}
         return state
 
     start = 0
@@ -231,27 +206,27 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         s = ckpt.state
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
-        sampler.load_state_dict(s["sampler"])
         best.update(s["best"])
-        if combiner is not None and meta_opt is not None and aux_sampler is not None:
+        for k, v in samplers.items():
+            v.load_state_dict(s[k])
+        if combiner is not None and meta_opt is not None:
             combiner.load_state_dict(s["combiner"])
             meta_opt.load_state_dict(s["meta_opt"])
-            aux_sampler.load_state_dict(s["aux_sampler"])
-            meta_sampler.load_state_dict(s["meta_sampler"])
         start = ckpt.step
 
     for step in run_dir.steps(start, config.run.max_steps):
         model.train()
-        loss, ell = train_loss(next(sampler), step)
+        loss, ell = train_loss(next(sampler), step, "unlabelled")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         record: dict[str, float] = {}
-        if meta_opt is not None and combiner is not None and step % config.meta.every == 0:
+        if meta_opt is not None and combiner is not None and aux_sampler is not None \
+                and step % config.meta.every == 0:
             x_a, y_a = data["aux"]
             a_idx = next(aux_sampler)
             val_loss = F.cross_entropy(model(x_a[a_idx], "main"), y_a[a_idx])
-            meta_loss, ell = train_loss(next(meta_sampler), step)
+            meta_loss, ell = train_loss(next(meta_sampler), step, "meta_unlabelled")
             meta_opt.step(train_loss=meta_loss, val_loss=val_loss,
                           parameters=list(model.parameters()), aux_params=combiner.parameters())
             combiner.clamp()
@@ -266,6 +241,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         if step % config.logging.every == 0 or step == config.run.max_steps:
             record["train/loss"] = float(loss.detach())
             weights = (task_weights(combiner, ell) if combiner is not None else
+                       fixed if config.method == "fixed" else
                        torch.tensor([1.0] + [float(config.method == "equal")] * len(tasks)))
             record |= {f"weight/{name}": float(w) for name, w in
                        zip(["main", *tasks], weights, strict=True)}
