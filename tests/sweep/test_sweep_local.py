@@ -170,3 +170,27 @@ def test_sensitivity_report_over_T_and_i(tmp_path: Path, capsys: pytest.CaptureF
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["sensitivity-report", str(tmp_path / "random-T1")]) == 2  # no cells: exit 2
+
+
+def test_a_sweep_continues_from_another_checkout_with_the_same_configs(tmp_path: Path) -> None:
+    """sweep.json names config files by path; a moved checkout (same contents) continues the
+    sweep with its own paths, and a changed file is refused, naming what differs."""
+    from bilevel.errors import ConfigError
+    from bilevel.sweep.plan import Plan, load_or_write
+
+    def checkout(name: str, algo_text: str) -> tuple[str, str]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "base.yaml").write_text("recipe: onepass\n")
+        (d / "algo.yaml").write_text(algo_text)
+        return str(d / "base.yaml"), str(d / "algo.yaml")
+
+    base_a, algo_a = checkout("a", "algorithm: {name: ours}\n")
+    base_b, algo_b = checkout("b", "algorithm: {name: ours}\n")
+    base_c, algo_c = checkout("c", "algorithm: {name: lorraine}\n")
+    out = tmp_path / "sweep"
+    load_or_write(out, Plan((base_a,), {"algo": algo_a}, {}, 2))
+    moved = load_or_write(out, Plan((base_b,), {"algo": algo_b}, {}, 2))
+    assert moved.base == (base_b,) and moved.variants == {"algo": algo_b} and moved.inits == 2
+    with pytest.raises(ConfigError, match=r"differs in variants"):
+        load_or_write(out, Plan((base_c,), {"algo": algo_c}, {}, 2))

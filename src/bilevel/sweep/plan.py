@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,34 @@ class Plan:
         return out_trials
 
     def compatible(self, other: Plan) -> list[str]:
-        """Differences (other than the number of inits) that forbid continuing ``other``."""
+        """Differences (other than the number of inits) that forbid continuing ``other``.
+
+        Config files are compared by content, not path: a sweep started from one checkout
+        (or before the project moved) continues from another with the same configs."""
         mine, theirs = asdict(self), asdict(other)
-        return [k for k in mine if k != "inits" and _norm(mine[k]) != _norm(theirs[k])]
+        diff = [k for k in mine if k not in ("inits", "base", "variants")
+                and _norm(mine[k]) != _norm(theirs[k])]
+        if not _same_files(self.base, other.base):
+            diff.append("base")
+        if (list(self.variants) != list(other.variants)
+                or not _same_files(tuple(self.variants.values()), tuple(other.variants.values()))):
+            diff.append("variants")
+        return diff
 
 
 def _norm(x: Any) -> Any:
     return json.loads(json.dumps(x))
+
+
+def _same_files(a: Sequence[str | None], b: Sequence[str | None]) -> bool:
+    def same(x: str | None, y: str | None) -> bool:
+        if x == y:
+            return True
+        if x is None or y is None:
+            return False
+        px, py = Path(x), Path(y)
+        return px.is_file() and py.is_file() and px.read_bytes() == py.read_bytes()
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
 
 
 def variant_labels(algorithms: Sequence[str]) -> dict[str, str | None]:
@@ -91,8 +112,9 @@ def load_or_write(out: Path, plan: Plan) -> Plan:
         if diff:
             raise ConfigError(f"{path} was written by a different sweep (differs in "
                               f"{', '.join(diff)}); use another --out or the same arguments")
-        if old.inits >= plan.inits:
+        if old.inits >= plan.inits and _norm(asdict(old)) == _norm(asdict(replace(plan, inits=old.inits))):
             return old
+        plan = replace(plan, inits=max(old.inits, plan.inits))  # this checkout's paths
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(plan), indent=1))
