@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.recipes import _registry
 from bilevel.recipes._auxilearn_tasks import _transform, splits
 
@@ -111,3 +111,20 @@ def test_transforms() -> None:
 def test_config_errors_name_the_key(tiny: Path, sets: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         cfg(tiny, *sets)
+
+
+@pytest.mark.parametrize("policy", ["skip", "abort"])
+def test_nan_policy(tiny: Path, tmp_path: Path, policy: str) -> None:
+    """A diverging run (inner lr 1e30) skips its non-finite updates, logging each, or stops
+    with NonFiniteError; rollback (nothing to roll back to) is a config error."""
+    sets = ("inner.lr=1e30", f"run.nan_policy={policy}")
+    if policy == "abort":
+        with pytest.raises(NonFiniteError, match=r"run\.nan_policy=abort"):
+            run(tiny, tmp_path / "run", *sets)
+        return
+    run(tiny, tmp_path / "run", *sets)
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"nonfinite"' in x]
+    assert events and all(e["action"] == "skip" for e in events)
+    with pytest.raises(ConfigError, match=r"run.nan_policy"):
+        cfg(tiny, "run.nan_policy=rollback")

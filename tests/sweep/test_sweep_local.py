@@ -90,6 +90,9 @@ def test_table_drops_and_counts_nan_and_bolds_within_error() -> None:
     assert stats["random_3_batched"].best == 2.0  # the triple's lowest validation loss
     text = markdown(rows, "test/loss")
     assert "| Ours WD+LR+M | 3 (0) | **" in text and "| Random | 2 (1) | 6" in text
+    # `sweep-report --diverged-at 6` (Clarke et al.'s rule for F-MNIST, at 1e3) drops 7.0 too.
+    capped = dict((k, s) for k, s, _ in table(groups, "test/loss", diverged_at=6.0))
+    assert (capped["random"].n, capped["random"].dropped, capped["random"].mean) == (1, 2, 5.0)
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path: Path,

@@ -58,6 +58,8 @@ def register(sub: Any) -> None:
                    "test/perplexity or test/loss, whichever the runs have)")
     r.add_argument("--out", metavar="DIR", help="where to write table.md/.csv, summary.md and "
                    "the figure (default: the first SWEEP_DIR)")
+    r.add_argument("--diverged-at", type=float, metavar="X", help="count final values >= X as "
+                   "diverged, like NaN (Clarke et al. use 1e3 for Fashion-MNIST losses)")
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(handler=_report)
 
@@ -139,6 +141,6 @@ def _report(args: argparse.Namespace) -> int:
     from bilevel.report.onepass_table import write_report
 
     for path in write_report(args.sweep_dirs, metric=args.metric, out=args.out,
-                             plots=not args.no_plots):
+                             plots=not args.no_plots, diverged_at=args.diverged_at):
         print(path)
     return 0

@@ -56,11 +56,12 @@ from bilevel.run import (
     InnerOptimConfig,
     LoggingConfig,
     ModelConfig,
-    RunConfig,
     RunDir,
     Section,
+    SkipOrAbortRunConfig,
     resolve_device,
 )
+from bilevel.run.nan import on_nonfinite
 from bilevel.run.schema import Width
 
 
@@ -111,7 +112,7 @@ class Config(Section):
                                                weight_decay=5e-4)
     meta: MetaConfig = MetaConfig()
     eval_every: int = Field(100, gt=0, description="evaluate val/test accuracy every N steps")
-    run: RunConfig
+    run: SkipOrAbortRunConfig
     logging: LoggingConfig = LoggingConfig(every=50)
     checkpoint: CheckpointConfig = CheckpointConfig(every=500)
 
@@ -218,8 +219,11 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         model.train()
         loss, ell = train_loss(next(sampler), step, "unlabelled")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if torch.isfinite(loss):
+            loss.backward()
+            opt.step()
+        else:  # skip (or abort): a non-finite loss would poison the weights
+            on_nonfinite(run_dir, config.run.nan_policy, step=step, what="training loss")
         record: dict[str, float] = {}
         if meta_opt is not None and combiner is not None and aux_sampler is not None \
                 and step % config.meta.every == 0:
@@ -227,11 +231,15 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             a_idx = next(aux_sampler)
             val_loss = F.cross_entropy(model(x_a[a_idx], "main"), y_a[a_idx])
             meta_loss, ell = train_loss(next(meta_sampler), step, "meta_unlabelled")
-            meta_opt.step(train_loss=meta_loss, val_loss=val_loss,
-                          parameters=list(model.parameters()), aux_params=combiner.parameters())
-            combiner.clamp()
-            record |= {"meta/aux_loss": float(val_loss.detach()), "meta/grad_norm":
-                       meta_opt.last_info["grad_norm"]}
+            if torch.isfinite(val_loss) and torch.isfinite(meta_loss):
+                meta_opt.step(train_loss=meta_loss, val_loss=val_loss,
+                              parameters=list(model.parameters()),
+                              aux_params=combiner.parameters())
+                combiner.clamp()
+                record |= {"meta/aux_loss": float(val_loss.detach()), "meta/grad_norm":
+                           meta_opt.last_info["grad_norm"]}
+            else:
+                on_nonfinite(run_dir, config.run.nan_policy, step=step, what="meta-step loss")
         if step % config.eval_every == 0 or step == config.run.max_steps:
             val_acc, test_acc = accuracy(model, *data["val"]), accuracy(model, *data["test"])
             record |= {"val/acc": val_acc, "test/acc": test_acc}

@@ -167,7 +167,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     net = build_net(config.model.name, num_classes).to(device)
     m = blending.init_logits(num_classes, value=config.blending.init, device=device)
     opt_w = torch.optim.Adam(net.parameters(), lr=config.inner.lr, betas=config.inner.betas)
-    opt_m = torch.optim.Adam([m], lr=config.outer.lr)
+    opt_m = config.outer.make([m])
     alpha = config.hypergrad.alpha or config.inner.lr  # Φ's step size: the inner lr (the seed's)
     samplers = {name: IndexSampler(len(data[split][1]), bs, seed=seed + i, device=device)
                 for i, (name, split) in enumerate([("train", "train"), ("hyper", "train"), ("val", "val")])}

@@ -193,7 +193,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     theta0, student_buffers0 = module_state(student)  # the SAME init every outer step
     phi0, teacher_buffers = module_state(teacher)
     phi = {k: v.requires_grad_() for k, v in phi0.items()}
-    opt = torch.optim.Adam(list(phi.values()), lr=config.outer.lr)
+    opt = config.outer.make(list(phi.values()))
     from bilevel.data import IndexSampler
 
     sampler = IndexSampler(len(data["train"][1]), bs, seed=config.run.seed, device=device)

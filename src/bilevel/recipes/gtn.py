@@ -312,8 +312,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     teacher = build_teacher(config, seed=config.run.seed).to(device)
     learner = build_learner(config).to(device)
     hp = teacher.hparams()
-    opt = (torch.optim.Adam if config.outer.name == "adam" else torch.optim.SGD)(
-        hp.values(), lr=config.outer.lr)
+    opt = config.outer.make(hp.values())
     meta_sampler = IndexSampler(len(data["train"][0]), config.data.meta_batch,
                                 seed=config.run.seed, device=device)
     noise_rng = torch.Generator(device=device).manual_seed(config.run.seed + 1)

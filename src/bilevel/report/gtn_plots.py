@@ -63,8 +63,7 @@ def image_grid(images: torch.Tensor, path: str | Path, *, labels: Sequence[int] 
             canvas[t * (h + 1): t * (h + 1) + h, b * (w + 1): b * (w + 1) + w] = x[t, b].numpy()
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * cols), max(2.0, 0.45 * steps + 0.6)))
-    cmap = _red_black_green()
-    cmap.set_bad("white")
+    cmap = _red_black_green().with_extremes(bad="white")
     ax.imshow(canvas, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
     ax.set_yticks([t * (h + 1) + h / 2 for t in range(steps)], [str(t) for t in range(steps)])
     if labels is not None:

@@ -20,6 +20,7 @@ from bilevel.run.schema import (
     OuterOptimConfig,
     RunConfig,
     Section,
+    SkipOrAbortRunConfig,
 )
 from bilevel.run.seeding import (
     capture_rng,
@@ -48,6 +49,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "Section",
+    "SkipOrAbortRunConfig",
     "all_finite",
     "capture_rng",
     "changed_keys",

@@ -89,6 +89,13 @@ class OuterOptimConfig(Section):
     lr: float = Field(0.01, gt=0.0)
     grad_clip: float | None = Field(None, gt=0.0, description="clip hypergradient norm")
 
+    def make(self, params: Any) -> Any:
+        """``torch.optim.Adam`` or plain ``torch.optim.SGD`` over ``params`` at ``lr``
+        (``grad_clip`` is applied where the hypergradient is written, not here)."""
+        import torch
+
+        return (torch.optim.Adam if self.name == "adam" else torch.optim.SGD)(params, lr=self.lr)
+
 
 class HParamConfig(Section):
     """What is learned about training: which hyperparameter, how it is stored and bounded."""
@@ -168,6 +175,13 @@ class RunConfig(Section):
         if kind == "mps" and not torch.backends.mps.is_available():
             raise ValueError("MPS is not available on this machine/torch build; use auto or cpu")
         return device
+
+
+class SkipOrAbortRunConfig(RunConfig):
+    """:class:`RunConfig` for recipes with nothing to roll back to: ``nan_policy`` is
+    ``skip`` (drop the update) or ``abort``."""
+
+    nan_policy: Literal["skip", "abort"] = "abort"
 
 
 # Keys that may change between a run and its resume (they do not change the trajectory).
