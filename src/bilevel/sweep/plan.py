@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.errors import ConfigError
-from bilevel.sweep.space import Space, check_space, overrides, sample
+from bilevel.sweep.space import SpaceDict, check_space, overrides, sample
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,6 @@ def plan_from_json(data: Mapping[str, Any]) -> Plan:
                 int(data.get("seed", 0)), tuple(data.get("overrides", ())))
 
 
-def default_space(recipe_module: Any) -> Space:
+def default_space(recipe_module: Any) -> SpaceDict:
     """The recipe's ``SEARCH_SPACE`` (empty if it has none)."""
     return dict(getattr(recipe_module, "SEARCH_SPACE", {}) or {})

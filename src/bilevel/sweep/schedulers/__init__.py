@@ -12,7 +12,7 @@ Engines (:mod:`bilevel.sweep.engines`) execute the :class:`Job` s against run di
 from bilevel.sweep.schedulers._base import AbstractScheduler, Job, score
 from bilevel.sweep.schedulers.asha import ASHA, RandomSearch, rung_budgets
 from bilevel.sweep.schedulers.pbt import PBT
-from bilevel.sweep.schedulers.space import Param, Space, seeded_rng
+from bilevel.sweep.space import Param, Space, seeded_rng
 
 __all__ = ["ASHA", "PBT", "AbstractScheduler", "Job", "Param", "RandomSearch", "Space",
            "rung_budgets", "score", "seeded_rng"]

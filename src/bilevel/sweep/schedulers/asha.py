@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bilevel.errors import ConfigError
 from bilevel.sweep.schedulers._base import AbstractScheduler, Job, score
-from bilevel.sweep.schedulers.space import Space
+from bilevel.sweep.space import Space
 
 
 def rung_budgets(*, min_resource: int, max_resource: int, reduction_factor: int) -> list[int]:

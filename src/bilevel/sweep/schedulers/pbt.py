@@ -24,7 +24,7 @@ import random
 
 from bilevel.errors import ConfigError
 from bilevel.sweep.schedulers._base import AbstractScheduler, Job, score
-from bilevel.sweep.schedulers.space import Space, seeded_rng
+from bilevel.sweep.space import Space, seeded_rng
 
 
 class PBT(AbstractScheduler):
