@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.func import functional_call
 
 from bilevel import hypergrad
 from bilevel.data import load_dataset
+from bilevel.functional import call
 from bilevel.models import MLP
 from bilevel.report.schedule_plot import plot_schedule
 from bilevel.run import (
@@ -110,11 +110,13 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = _batches(len(yt), config.data.batch_size, cs.steps, config.run.seed, device)
 
+    # reversible runs its own exact SGD-momentum on the weights, so it takes the training
+    # loss itself, ``loss_fn(w, h, t)``, not a kit step; the MLP has no buffers.
     def loss_fn(w: dict[str, torch.Tensor], h: Any, t: int) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, w, (xt[batches[t]],)), yt[batches[t]])
+        return F.cross_entropy(call(model, w, {}, xt[batches[t]])[0], yt[batches[t]])
 
     def val_loss(w: dict[str, torch.Tensor], h: Any) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, w, (xv,)), yv)
+        return F.cross_entropy(call(model, w, {}, xv)[0], yv)
 
     n = math.ceil(cs.steps / cs.every)
     h = {"log_lr": torch.full((n,), math.log10(cs.lr), device=device, requires_grad=True),
@@ -140,9 +142,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     for step in run_dir.steps(start, config.run.max_steps):
         r = hypergrad.reversible(loss_fn, val_loss, w0, h, steps=cs.steps, lr=lr,
                                  momentum=momentum, bits=cs.bits)
-        outer.zero_grad(set_to_none=True)
-        for k, v in h.items():
-            v.grad = r.hypergrad[k]
+        hypergrad.write_grad(r, h)
         outer.step()
         with torch.no_grad():
             for k, v in h.items():
@@ -207,7 +207,7 @@ def _evaluate(loss_fn: Callable[..., torch.Tensor], model: torch.nn.Module, w0: 
     out = {}
     with torch.no_grad():
         for split, (x, y) in (("val", val), ("test", test)):
-            logits = functional_call(model, w, (x,))
+            logits = call(model, w, {}, x)[0]
             loss = F.cross_entropy(logits, y).item()
             out[f"{split}/loss"] = loss if math.isfinite(loss) else float("inf")
             out[f"{split}/acc"] = (logits.argmax(1) == y).float().mean().item()

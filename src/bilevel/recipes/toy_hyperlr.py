@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from pydantic import field_validator
 from torch import nn
-from torch.func import functional_call
 
 from bilevel import hypergrad
 from bilevel.run import (
@@ -126,11 +125,6 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     sampler = IndexSampler(len(data["train"][0]), config.data.batch_size, seed=config.run.seed)
     extra = {"rollbacks": 0, "lr_scale": 1.0}
 
-    def mse(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, train: bool
-            ) -> torch.Tensor:
-        model.train(train)
-        return ((functional_call(model, w, (x,)) - y) ** 2).mean()
-
     def load(state: dict[str, Any]) -> None:
         params.update(state["params"])
         with torch.no_grad():
@@ -158,6 +152,12 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
 
     def state_of(w: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {**prob.state, "params": w}  # no momentum: the rule's state stays at init
+
+    def loss_at(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+        """The eval-mode loss of the weights ``w`` (copied into the model) on ``(x, y)``."""
+        hypergrad.load_state(model, state_of(w))
+        with torch.no_grad():
+            return loss_of(model, x, y, train=False).item()
 
     start = 0
     if (ckpt := run_dir.restore()) is not None:
@@ -195,7 +195,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                     log_lr.clamp_(config.hparam.low, config.hparam.high)
             kill_point("hyper")
             if step % config.logging.every == 0 or step == config.run.max_steps:
-                run_dir.log(step, {"train/loss": mse(params, *batch, train=False).item(),
+                run_dir.log(step, {"train/loss": loss_at(params, *batch),
                                    "val/loss": r.outer_loss.item(),
                                    "hyper/lr": 10.0 ** log_lr.item(),
                                    "hypergrad/log10_lr": hg.item()})
@@ -214,6 +214,5 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                       outer_lr=config.outer.lr * extra["lr_scale"])
         run_dir.checkpoint(done, snapshot(), force=True)
 
-    with torch.no_grad():
-        final = {f"{k}/loss": mse(params, *xy, train=False).item() for k, xy in data.items()}
+    final = {f"{k}/loss": loss_at(params, *xy) for k, xy in data.items()}
     return {**final, "hyper/lr": 10.0 ** log_lr.item()}
