@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import ConfigError
+from bilevel.functional import Params
 
-Params = dict[str, Tensor]
 Grads = dict[str, Tensor]
 Scalar = float | Tensor
 HParam = float | Tensor | Mapping[str, float | Tensor]

@@ -52,13 +52,12 @@ from torch import Tensor
 
 from bilevel import hypergrad
 from bilevel.errors import HypergradWarning
+from bilevel.functional import Params
 from bilevel.hypergrad import HyperSGD
 from bilevel.hypergrad.hypersgd import sgd_update
 from bilevel.optim.hyperparameters import Hyperparameters
 from bilevel.recipes._onepass_task import Batch, Task
 from bilevel.tree import tree_flatten, tree_unflatten
-
-Params = dict[str, Tensor]
 
 
 @dataclass
