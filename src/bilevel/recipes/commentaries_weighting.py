@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from bilevel import hypergrad
+from bilevel.data.image_splits import Splits, image_splits
 from bilevel.functional import call, module_state
 from bilevel.meta import weighting
 from bilevel.models import CBRStudent, CBRTeacher
@@ -46,8 +47,6 @@ from bilevel.run import (
     on_nonfinite,
     resolve_device,
 )
-
-Splits = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ImageDataConfig(Section):
@@ -117,25 +116,9 @@ class Config(Section):
 
 def load_images(cfg: ImageDataConfig, device: torch.device) -> tuple[Splits, dict[str, Any]]:
     """Normalised ``[n, 1, 28, 28]`` splits; ``digits`` (8x8) is upsampled to MNIST's shape."""
-    from bilevel.data import load_dataset
-
-    ds = load_dataset(cfg.name, cfg.data_dir, split_seed=cfg.split_seed,
-                      normalize=cfg.name != "digits")
-    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
-    gen = torch.Generator().manual_seed(cfg.split_seed + 1)
-    out: Splits = {}
-    for name in ("train", "val", "test"):
-        split = getattr(ds, name)
-        x, y = split.x, split.y
-        if cfg.name == "digits":  # [n, 64] in [0, 1] -> [n, 1, 28, 28] (tests, offline)
-            x = F.interpolate(x.view(-1, 1, 8, 8), size=(28, 28), mode="bilinear")
-            x = (x - 0.5) / 0.5
-        n = sizes[name]
-        if n is not None and n < len(y):
-            keep = torch.randperm(len(y), generator=gen)[:n]
-            x, y = x[keep], y[keep]
-        out[name] = (x.contiguous().to(device), y.to(device))
-    return out, ds.info
+    return image_splits(cfg.name, data_dir=cfg.data_dir, split_seed=cfg.split_seed, side=28,
+                        sizes={"train": cfg.train_size, "val": cfg.val_size,
+                               "test": cfg.test_size}, device=device)
 
 
 def sum_nll_by_batch(student: torch.nn.Module, params: dict, buffers: dict,

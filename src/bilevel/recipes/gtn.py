@@ -42,7 +42,8 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from bilevel import hypergrad
-from bilevel.data import IndexSampler, load_dataset
+from bilevel.data import IndexSampler
+from bilevel.data.image_splits import image_splits
 from bilevel.functional import call, module_state
 from bilevel.meta.teaching import Curriculum, LrParam, Teacher
 from bilevel.models import GTNLearner, GTNTeacher
@@ -165,24 +166,9 @@ class Config(Section):
 
 def load_images(cfg: DataSection, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"train": (x, y), "test": (x, y)}`` at ``cfg.image_size``, scaled as configured."""
-    ds = load_dataset(cfg.name, cfg.data_dir, split_seed=cfg.split_seed)
-    side = int(ds.info["input_shape"][-1] ** 0.5) if len(ds.info["input_shape"]) == 1 else None
-    mean = float(ds.info["mean"][0]) if "mean" in ds.info else None  # else: train statistics
-    std = float(ds.info["std"][0]) if "std" in ds.info else None
-    out = {}
-    for split in ("train", "test"):
-        part = getattr(ds, split)
-        x = part.x.float()  # [n, 1, h, w] in [0, 1] (digits: [n, 64] -> [n, 1, 8, 8])
-        if side is not None:
-            x = x.view(-1, 1, side, side)
-        if x.shape[-1] != cfg.image_size:
-            x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear",
-                              align_corners=False)
-        if mean is None or std is None:
-            mean, std = float(x.mean()), float(x.std())  # first split: train
-        x = (x - mean) / std if cfg.scale == "standard" else 2 * x - 1
-        out[split] = (x.to(device), part.y.to(device))
-    return out
+    return image_splits(cfg.name, data_dir=cfg.data_dir, split_seed=cfg.split_seed,
+                        splits=("train", "test"), side=cfg.image_size, scale=cfg.scale,
+                        device=device)[0]
 
 
 def build_teacher(config: Config, *, seed: int) -> Teacher:
