@@ -49,9 +49,16 @@ from typing import Any
 import torch
 
 from bilevel.recipes import resolve
-from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
-from bilevel.recipes._onepass_task import Task, build_task
-from bilevel.recipes.onepass import Config, hyper_update, hyperparameters, outer_optimizer
+from bilevel.recipes.onepass import (
+    ALGORITHMS,
+    Config,
+    Inner,
+    Task,
+    build_task,
+    hyper_update,
+    hyperparameters,
+    outer_optimizer,
+)
 from bilevel.run import resolve_device
 from bilevel.run.seeding import seed_everything
 from bilevel.tree import tree_all_finite

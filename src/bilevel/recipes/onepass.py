@@ -35,10 +35,13 @@ from bilevel.errors import NonFiniteError
 from bilevel.hypergrad import HyperSGD, write_grad
 from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
-from bilevel.recipes._onepass_task import DataSection, ModelSection, build_task
+from bilevel.recipes._onepass_task import DataSection, ModelSection, Task, build_task
 from bilevel.run import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
 from bilevel.run.faults import kill_point
 from bilevel.tree import tree_all_finite
+
+# the building blocks benchmarks/onepass.py times, public here so nothing imports the private modules
+__all__ = ["ALGORITHMS", "SEARCH_SPACE", "Config", "Inner", "Task", "build_task", "run"]
 
 HName = Literal["lr", "weight_decay", "momentum"]
 SEARCH_SPACE: dict[str, dict[str, Any]] = {  # Clarke et al.'s natural_sgd_generator
