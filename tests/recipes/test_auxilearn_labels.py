@@ -1,6 +1,7 @@
 """auxilearn_labels: the label generator's masking, the sign of its implicit hypergradient
 (one hyper-step lowers the main task's held-out loss after the next primary step, its negation
-raises it), and the recipe end to end on scikit-learn's digits (offline, real data)."""
+raises it), and the recipe end to end on scikit-learn's digits (offline, real data), where the
+learned generator beats its frozen twin, which a sign error in the hyper-step fails."""
 
 from __future__ import annotations
 
@@ -103,8 +104,42 @@ def test_recipe_runs_learned_and_frozen_twin(tmp_path: Path) -> None:
         rows = [json.loads(r) for r in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
         assert any("meta/aux_loss" in r for r in rows)
         assert any("meta/grad_norm" in r for r in rows) == (learn == "true")
-    # same init, data and batches: only the generator's learning separates the two arms
-    assert out["true"]["val/loss_final"] != out["false"]["val/loss_final"]
+    # same init, data and batches: the meta objective agrees until the first hyper-step
+    first = {k: _aux_losses(tmp_path / k)[0] for k in out}
+    assert first["true"] == first["false"]
+
+
+def _aux_losses(run: Path) -> list[float]:
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["meta/aux_loss"] for r in rows if "meta/aux_loss" in r]
+
+
+def test_learned_labels_beat_the_frozen_twin(tmp_path: Path) -> None:
+    """Full-batch plain SGD (the 50-image pool is every batch, of the primary step and of the
+    hyper-step alike), a hyper-step after every primary step, no momentum or weight decay on
+    the generator: each hyper-step then descends the main-task loss on the auxiliary set
+    after the next primary step. After 30 steps the learned generator leaves a lower loss on
+    the auxiliary set and on the validation images (never trained on) than its frozen twin
+    for each of run.seed 0-2, by 0.005 on average on the auxiliary set. Measured over seeds
+    0-9: 0.006-0.031 lower on the auxiliary set and 0.003-0.035 on validation; a generator
+    that ascends the hypergradient ends 0.009-0.043 and 0.006-0.048 *higher*. Longer runs
+    or larger meta steps are not robust: from about 60 steps the ascending arm also beats
+    the twin on some seeds."""
+    sets = ["data.batch_size=50", "meta.batch_size=50", "meta.every=1", "inner.name=sgd",
+            "inner.lr=0.1", "meta.lr=1.0", "meta.momentum=0", "meta.weight_decay=0",
+            "run.max_steps=30", "eval_every=30", "checkpoint.every=30"]
+    gaps = []
+    for seed in (0, 1, 2):
+        final = {}
+        for learn in ("true", "false"):
+            cfg = tmp_path / f"{learn}.yaml"
+            cfg.write_text(TINY.replace("LEARN", learn))
+            _, final[learn] = _registry.start([cfg], [*sets, f"run.seed={seed}"],
+                                              out=tmp_path / f"{learn}-{seed}")
+        assert final["true"]["val/loss_final"] < final["false"]["val/loss_final"], (seed, final)
+        gaps.append(final["false"]["meta/aux_loss_final"] - final["true"]["meta/aux_loss_final"])
+        assert gaps[-1] > 0, (seed, final)
+    assert sum(gaps) / len(gaps) > 0.005, gaps
 
 
 def test_aux_set_must_leave_training_images(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Both Commentaries recipes and their evaluation commands, end to end through the real CLI
-on tiny settings (scikit-learn's digits upsampled to 28x28: offline, real data)."""
+on tiny settings (scikit-learn's digits upsampled to 28x28: offline, real data), and the
+direction of learning of each: a sign error in either recipe's outer step fails a test here."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bilevel.cli import main
 from bilevel.commands.commentaries import paired_ci
 from bilevel.errors import ConfigError
 from bilevel.meta import blending
-from bilevel.recipes import resolve
+from bilevel.recipes import resolve, start
 from tests.cli.conftest import assert_same_tree, final_state, metrics_without_wall, run_cli
 
 WEIGHTING = """\
@@ -60,7 +61,7 @@ def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path) -> None:
     r = run_cli("run", cfg, "--out", run)
     assert r.code == 0, r
     summary = json.loads(r.out)
-    assert 0.0 < summary["weights/mean"] < 1.0 and summary["hypergrad/norm"] > 0
+    assert summary["hypergrad/norm"] > 0  # a detached graph gives exactly 0
     assert run_cli("run", cfg, "--out", part, "--set", "run.max_steps=1").code == 0
     r = run_cli("resume", part, "--set", "run.max_steps=2", "--allow-config-change")
     assert r.code == 0, r
@@ -68,6 +69,10 @@ def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path) -> None:
     assert metrics_without_wall(run) == metrics_without_wall(part)
     cur = np.load(run / "curriculum.npz")
     assert cur["weights"].shape == (3, 8) and cur["unroll_weights"].shape == (3, 4)
+    # the logged mean weight is the last unroll's, and the curr teacher reads its
+    # iteration channel: its weights of the same probe images change with progress
+    assert summary["weights/mean"] == pytest.approx(float(cur["unroll_weights"].mean()), rel=1e-5)
+    assert np.abs(cur["weights"][0] - cur["weights"][-1]).max() > 1e-4
     assert _main("commentaries", "plot", run) == 0
     assert (run / "curriculum.png").stat().st_size > 1000
 
@@ -92,11 +97,14 @@ def test_blending_run_heatmaps_resume_and_three_arm_eval(tmp_path: Path) -> None
     r = run_cli("run", cfg, "--out", whole)
     assert r.code == 0, r
     summary = json.loads(r.out)
-    assert summary["hypergrad/norm"] > 0 and 0.5 < summary["lambda/min"] < summary["lambda/max"] < 1
+    assert summary["hypergrad/norm"] > 0  # a detached graph gives exactly 0
     assert {p.name for p in (whole / "heatmaps").iterdir()} == {"lambda-step3.png", "lambda-step6.png"}
     assert (whole / "lambda.png").is_file()
     m = torch.load(whole / "blending.pt", weights_only=True)["m"]
     assert m.shape == (10, 10) and not torch.allclose(m, torch.full_like(m, -1.0))
+    lam = blending.proportions(m)  # the logged λ statistics are those of the saved M
+    assert [summary[f"lambda/{k}"] for k in ("min", "mean", "max")] == pytest.approx(
+        [float(lam.min()), float(lam.mean()), float(lam.max())], rel=1e-6)
     assert run_cli("run", cfg, "--out", part, "--set", "run.max_steps=4").code == 0
     assert run_cli("resume", part, "--set", "run.max_steps=6", "--allow-config-change").code == 0
     assert_same_tree(final_state(whole)["state"], final_state(part)["state"])
@@ -108,6 +116,41 @@ def test_blending_run_heatmaps_resume_and_three_arm_eval(tmp_path: Path) -> None
     assert all(f"| {arm} | 1 |" in table for arm in ("none", "random-seed", "learned")), table
     assert "random-uniform" not in table and "| learned − none | 1 |" in table, table
     assert json.loads((out / "random-seed-seed0.json").read_text())["arm"] == "random-seed"
+
+
+def _meta_losses(run: Path, key: str) -> list[float]:
+    return [m[key] for m in metrics_without_wall(run) if key in m]
+
+
+def test_weighting_teacher_lowers_the_meta_loss_from_the_same_start(tmp_path: Path) -> None:
+    """With 16 training images and batch 16, every outer step trains the student from the same
+    θ0 on the same full batch for 10 Adam steps, so the meta-loss is a deterministic function
+    of φ and its value at step 1 is the start. After 15 outer steps the learned teacher has
+    lowered it by at least 5 %: measured 7-19 % for run.seed 0-11 except seed 2 (1.5 %); a
+    teacher that ascends the hypergradient raises it by 60-160 %."""
+    cfg = _config(tmp_path, WEIGHTING.replace("HGMETHOD", "unrolled"), "w.yaml")
+    start([cfg], ["data.train_size=16", "data.batch_size=16", "data.val_size=64",
+                  "hypergrad.steps=10", "inner.lr=3e-3", "outer.lr=1e-3", "run.max_steps=15",
+                  "checkpoint.every=15"], out=tmp_path / "run")
+    losses = _meta_losses(tmp_path / "run", "meta/loss")
+    assert len(losses) == 15 and losses[-1] < 0.95 * losses[0], losses
+
+
+def test_blending_lowers_the_validation_loss_below_its_frozen_twin(tmp_path: Path) -> None:
+    """Both arms train the same network from the same initialisation on the same batches and
+    blending partners; the twin's M is frozen (outer lr 1e-9: the schema asks lr > 0, and Adam
+    moves M by at most lr per step). Over iterations 35-60 (val loss every 5) the learned
+    M's validation loss is on average 0.01 below the twin's: measured 0.020-0.066 for
+    run.seed 0-9, while an M that ascends the hypergradient ends 0.09-0.19 above it."""
+    cfg = _config(tmp_path, BLENDING, "b.yaml")
+    losses = {}
+    for arm, lr in (("learned", 0.3), ("frozen", 1e-9)):
+        start([cfg], ["run.max_steps=60", "logging.every=5", f"outer.lr={lr}",
+                      "blending.heatmap_every=60", "checkpoint.every=60"], out=tmp_path / arm)
+        losses[arm] = _meta_losses(tmp_path / arm, "val/loss")
+    assert len(losses["learned"]) == 12
+    gaps = [f - g for g, f in zip(losses["learned"][6:], losses["frozen"][6:], strict=True)]
+    assert sum(gaps) / len(gaps) > 0.01, gaps
 
 
 def test_blend_eval_both_random_arms_paired_ci(tmp_path: Path) -> None:
