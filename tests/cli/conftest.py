@@ -39,17 +39,23 @@ class Result:
         return f"exit {self.code}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
 
 
-def cli_env(**extra: str) -> dict[str, str]:
+def cli_env(*, fault: str | None = None, **extra: str) -> dict[str, str]:
+    """The test environment of a ``bilevel`` subprocess: one thread, no inherited fault
+    injection unless ``fault`` (a ``BILEVEL_FAULT`` point, e.g. ``"inner@37"``) is given."""
     env = {k: v for k, v in os.environ.items() if k != "BILEVEL_FAULT"}
+    if fault:
+        env["BILEVEL_FAULT"] = fault
     env.update(CI="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning")
     env.update(extra)
     return env
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None,
-            preexec_fn: Callable[[], None] | None = None, timeout: float = 120) -> Result:
+            preexec_fn: Callable[[], None] | None = None, timeout: float = 120,
+            fault: str | None = None) -> Result:
+    """``python -m bilevel ARGS`` in a subprocess: the one CLI helper of the test suite."""
     cmd = [sys.executable, "-m", "bilevel", *map(str, args)]
-    proc = subprocess.run(cmd, env=env or cli_env(), cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=env or cli_env(fault=fault), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn, check=False)
     return Result(proc)
 

@@ -4,10 +4,7 @@ digits (offline, 1,200 training rows) with tiny settings."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from bilevel.errors import ConfigError
 from bilevel.recipes import resolve, shipped_configs
 from bilevel.recipes.alig import OptimConfig, build_model, scheduled_lr
 from bilevel.run import ModelConfig
+from tests.cli.conftest import run_cli
 
 TINY = """\
 # bilevel run tiny.yaml
@@ -34,13 +32,6 @@ SGD = TINY.replace("{name: alig, max_lr: 1.0, momentum: 0.9}",
                    "{name: sgd, lr: 0.1, momentum: 0.9, decay_at: [0.5, 0.75]}")
 
 
-def cli(*args: str | Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "BILEVEL_FAULT"}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning")
-    if fault:
-        env["BILEVEL_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "bilevel", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
@@ -57,8 +48,8 @@ def write(tmp_path: Path, text: str, name: str = "tiny.yaml") -> Path:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted AliG run of TINY, shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("tiny")
-    r = cli("run", write(root, TINY), "--out", root / "run")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", write(root, TINY), "--out", root / "run")
+    assert r.code == 0, r.err
     return root / "run"
 
 
@@ -115,8 +106,8 @@ def test_best_weights_reload_restores_the_final_ones() -> None:
 
 
 def test_sgd_follows_its_step_schedule(tmp_path: Path) -> None:
-    r = cli("run", write(tmp_path, SGD), "--out", tmp_path / "run")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", write(tmp_path, SGD), "--out", tmp_path / "run")
+    assert r.code == 0, r.err
     lr = {x["step"]: x["optim/lr"] for x in records(tmp_path / "run") if "optim/lr" in x}
     assert lr[30] == pytest.approx(0.1) and lr[35] == pytest.approx(0.01)
     assert lr[45] == pytest.approx(0.01) and lr[50] == pytest.approx(0.001)
@@ -131,8 +122,8 @@ def test_scheduled_lr_counts_the_passed_fractions() -> None:
 
 def test_l2_ball_projection_bounds_the_weight_norm(tmp_path: Path, tiny_run: Path) -> None:
     text = TINY.replace("momentum: 0.9}", "momentum: 0.9, max_norm: 8.0}")
-    ball = cli("run", write(tmp_path, text, "ball.yaml"), "--out", tmp_path / "ball")
-    assert ball.returncode == 0, ball.stderr
+    ball = run_cli("run", write(tmp_path, text, "ball.yaml"), "--out", tmp_path / "ball")
+    assert ball.code == 0, ball.err
     free = json.loads((tiny_run / "summary.json").read_text())
     assert free["weights/norm"] > 8.0  # the bound is active
     norms = [x["weights/norm"] for x in records(tmp_path / "ball") if "weights/norm" in x]
@@ -140,10 +131,10 @@ def test_l2_ball_projection_bounds_the_weight_norm(tmp_path: Path, tiny_run: Pat
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, tiny_run: Path) -> None:
-    r = cli("run", write(tmp_path, TINY), "--out", tmp_path / "cut", fault="inner@37")
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    r = cli("resume", tmp_path / "cut")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", write(tmp_path, TINY), "--out", tmp_path / "cut", fault="inner@37")
+    assert r.code == -signal.SIGKILL, r.err
+    r = run_cli("resume", tmp_path / "cut")
+    assert r.code == 0, r.err
     assert records(tiny_run) == records(tmp_path / "cut")
     whole, cut = (torch.load(sorted((d / "checkpoints").glob("step-*.pt"))[-1],
                              weights_only=True)["state"] for d in (tiny_run, tmp_path / "cut"))
@@ -154,22 +145,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, tiny_run: Path) -
 
 def test_divergence_stops_or_aborts_by_nan_policy(tmp_path: Path) -> None:
     text = SGD.replace("lr: 0.1,", "lr: 1e30,")
-    r = cli("run", write(tmp_path, text), "--out", tmp_path / "skip")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+    r = run_cli("run", write(tmp_path, text), "--out", tmp_path / "skip")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
     assert 1 <= summary["train/diverged_step"] < 60
     assert any(x.get("event") == "diverged" for x in records(tmp_path / "skip"))
-    r = cli("run", write(tmp_path, text.replace("nan_policy: skip", "nan_policy: abort")),
+    r = run_cli("run", write(tmp_path, text.replace("nan_policy: skip", "nan_policy: abort")),
             "--out", tmp_path / "abort")
-    assert r.returncode == 1 and "non-finite training loss" in r.stderr, r.stderr
+    assert r.code == 1 and "non-finite training loss" in r.err, r.err
 
 
 def test_sweep_runs_the_grid_skips_finished_runs_and_plots(tmp_path: Path) -> None:
     alig, sgd = write(tmp_path, TINY, "alig.yaml"), write(tmp_path, SGD, "sgd.yaml")
     args = ("alig", "sweep", alig, sgd, "--values", "0.01,1,1e30", "--set", "run.max_steps=20",
             "--set", "eval.every=100", "--out", tmp_path / "sweep")
-    r = cli(*args)
-    assert r.returncode == 0, r.stderr
+    r = run_cli(*args)
+    assert r.code == 0, r.err
     runs = sorted(p.parent.relative_to(tmp_path / "sweep")
                   for p in (tmp_path / "sweep").rglob("run.json"))
     assert [str(p) for p in runs] == [f"{c}/{k}={v}/seed-0" for c, k in
@@ -184,17 +175,17 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_plots(tmp_path: Path) -> No
     png = (tmp_path / "sweep" / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 300_000
     curves = tmp_path / "curves.png"
-    r = cli("alig", "curves", tmp_path / "sweep" / "alig" / "max_lr=1",
+    r = run_cli("alig", "curves", tmp_path / "sweep" / "alig" / "max_lr=1",
             tmp_path / "sweep" / "sgd" / "lr=0.01", "--out", curves)
-    assert r.returncode == 0 and curves.read_bytes().startswith(b"\x89PNG"), r.stderr
+    assert r.code == 0 and curves.read_bytes().startswith(b"\x89PNG"), r.err
     stamp = (tmp_path / "sweep" / "alig" / "max_lr=1" / "seed-0" / "summary.json").stat()
-    r = cli(*args)  # again: every run is finished, nothing is rerun
-    assert r.returncode == 0 and "done" not in r.stdout, r.stdout
+    r = run_cli(*args)  # again: every run is finished, nothing is rerun
+    assert r.code == 0 and "done" not in r.out, r.out
     assert (tmp_path / "sweep" / "alig" / "max_lr=1" / "seed-0" / "summary.json"
             ).stat().st_mtime_ns == stamp.st_mtime_ns
-    r = cli(*[a if a != "run.max_steps=20" else "run.max_steps=21" for a in args])
-    assert r.returncode == 2 and "holds a run of a different config" in r.stderr, r.stderr
-    assert "run.max_steps: 20 -> 21" in r.stderr
+    r = run_cli(*[a if a != "run.max_steps=20" else "run.max_steps=21" for a in args])
+    assert r.code == 2 and "holds a run of a different config" in r.err, r.err
+    assert "run.max_steps: 20 -> 21" in r.err
 
 
 ERRORS = {
@@ -217,8 +208,8 @@ def test_bad_keys_are_named_with_the_fix(tmp_path: Path, override: str) -> None:
 
 def test_bad_config_exits_2_and_cnn_needs_images(tmp_path: Path) -> None:
     bad = write(tmp_path, TINY.replace("max_lr: 1.0", "lr: 1.0"), "bad.yaml")
-    r = cli("config", "validate", bad)
-    assert r.returncode == 2 and "optim.max_lr" in r.stderr and f"{bad}:5" in r.stderr, r.stderr
+    r = run_cli("config", "validate", bad)
+    assert r.code == 2 and "optim.max_lr" in r.err and f"{bad}:5" in r.err, r.err
     info = {"name": "mnist1d", "input_shape": (40,), "num_classes": 10}
     with pytest.raises(ConfigError, match=r"cnn needs 28x28 or 32x32 images.*model\.name: mlp"):
         build_model(ModelConfig(name="cnn"), info)

@@ -6,15 +6,13 @@ objective, which a sign error in the meta-step fails."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bilevel.errors import ConfigError
 from bilevel.recipes import _registry
+from tests.cli.conftest import run_cli
 
 TINY = """\
 # bilevel run tiny.yaml
@@ -33,11 +31,6 @@ checkpoint: {{every: 10}}
 """
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
-    env.pop("BILEVEL_FAULT", None)
-    return subprocess.run([sys.executable, "-m", "bilevel", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def tiny(tmp_path: Path, method: str) -> Path:
@@ -54,8 +47,8 @@ def records(run: Path) -> list[dict]:
 def linear_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("auxilearn")
     config, out = tiny(tmp, "linear"), tmp / "full"
-    proc = cli("run", config, "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", config, "--out", out)
+    assert proc.code == 0, proc.err
     return config, out
 
 
@@ -120,10 +113,10 @@ def test_resume_is_exact(tmp_path: Path, linear_run: tuple[Path, Path]) -> None:
     """Stop at step 10 (a checkpoint), resume to 30: the same metrics as one 30-step run."""
     config, full = linear_run
     part = tmp_path / "part"
-    proc = cli("run", config, "--out", part, "--set", "run.max_steps=10")
-    assert proc.returncode == 0, proc.stderr
-    proc = cli("resume", part, "--allow-config-change", "--set", "run.max_steps=30")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", config, "--out", part, "--set", "run.max_steps=10")
+    assert proc.code == 0, proc.err
+    proc = run_cli("resume", part, "--allow-config-change", "--set", "run.max_steps=30")
+    assert proc.code == 0, proc.err
 
     def strip(rs: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "wall"} for r in rs if "event" not in r]

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ import torch
 from bilevel.cli import main
 from bilevel.data import Dataset, Split, fetch_dataset
 from bilevel.recipes import shipped_configs, start
+from tests.cli.conftest import run_cli
 from tests.conftest import shared_data_dir
 
 ALGOS = sorted(p.stem for p in shipped_configs() if p.parent.name == "onepass"
@@ -122,10 +120,8 @@ def test_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_killed_run_resumes_bit_for_bit(tmp_path: Path, data_dir: Path) -> None:
     args = ["onepass/uci_energy.yaml", "onepass/ours_wd_lr_m.yaml", *TINY, "--set",
             f"data.data_dir={data_dir}", "--set", "checkpoint.every=1", "--set", "algorithm.hyper_steps=5"]
-    env = {**os.environ, "BILEVEL_FAULT": "hyper@3", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "bilevel", "run", *args, "--out", str(tmp_path / "k")],
-                            env=env, capture_output=True, text=True, check=False)
-    assert killed.returncode == -9, killed.stderr
+    killed = run_cli("run", *args, "--out", tmp_path / "k", fault="hyper@3")
+    assert killed.code == -9, killed.err
     assert main(["resume", str(tmp_path / "k")]) == 0
     assert main(["run", *args, "--out", str(tmp_path / "ref")]) == 0
     strip = [{k: v for k, v in r.items() if k != "wall"} for r in _records(tmp_path / "k")]

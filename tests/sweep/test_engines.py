@@ -5,7 +5,6 @@ finished jobs, Optuna BO resumes, and two Optuna workers share a study past a ki
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from bilevel.sweep.engines import warm_start
 from bilevel.sweep.engines.local_engine import Ledger
 from bilevel.sweep.scheduled import scheduled_sweep
 from bilevel.sweep.schedulers import Space
+from tests.cli.conftest import cli_env
 from tests.conftest import shared_data_dir
 
 BASE = ["onepass/uci_energy.yaml"]
@@ -43,10 +43,7 @@ def _uci(tmp_path, monkeypatch, data_dir):
 
 
 def _cli(*args: str, fault: str | None = None, wait: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("BILEVEL_FAULT", None)
-    if fault:
-        env["BILEVEL_FAULT"] = fault
+    env = cli_env(fault=fault)
     cmd = [sys.executable, "-m", "bilevel", "sweep", *BASE, *args,
            *(a for s in SETS for a in ("--set", s)), "--search", ",".join(SEARCH)]
     if not wait:
