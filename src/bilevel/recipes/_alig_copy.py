@@ -31,7 +31,7 @@ from torch import nn
 from bilevel.data import RepeatCopy, repeat_copy_accuracy, repeat_copy_loss
 from bilevel.models import DNC
 from bilevel.optim import AliG
-from bilevel.run import RunDir, on_nonfinite, resolve_device
+from bilevel.run import RunDir, RunState, on_nonfinite, resolve_device
 from bilevel.run.faults import kill_point
 
 if TYPE_CHECKING:
@@ -71,18 +71,8 @@ def run_repeat_copy(config: Config, run_dir: RunDir) -> dict[str, float]:
     window = torch.zeros(3, dtype=torch.float64)  # [loss sum, steps, clipped steps] since the last log
     tail = torch.full((TAIL,), float("nan"), dtype=torch.float64)  # the last TAIL losses
 
-    def snapshot() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optim": opt.state_dict(), "task": task.state_dict(),
-                "window": window.clone(), "tail": tail.clone()}
-
-    start, T = 0, config.run.max_steps
-    if (ckpt := run_dir.restore()) is not None:
-        model.load_state_dict(ckpt.state["model"])
-        opt.load_state_dict(ckpt.state["optim"])
-        task.load_state_dict(ckpt.state["task"])
-        window.copy_(ckpt.state["window"])
-        tail.copy_(ckpt.state["tail"])
-        start = ckpt.step
+    state = RunState(model=model, optim=opt, task=task, window=window, tail=tail)
+    start, T = run_dir.resume(state), config.run.max_steps
     diverged = None
     for step in run_dir.steps(start, T):
         batch = next(task)
@@ -108,7 +98,7 @@ def run_repeat_copy(config: Config, run_dir: RunDir) -> dict[str, float]:
             log_window(run_dir, step, window, opt, alig_opt)
         if step % config.eval.every == 0 and step != T:
             run_dir.log(step, evaluate(model, held_out))
-        run_dir.checkpoint(step, snapshot(), force=step == T)
+        run_dir.checkpoint(step, state, force=step == T)
 
     final = evaluate(model, held_out)
     final["train/loss"] = tail.nanmean().item()

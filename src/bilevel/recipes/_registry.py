@@ -5,7 +5,8 @@ A recipe module defines
 * ``Config``: a :class:`bilevel.run.Section` (pydantic, ``extra="forbid"``) with a
   ``run: RunConfig`` field, usually also ``logging`` and ``checkpoint`` sections;
 * ``run(config: Config, run_dir: RunDir) -> dict[str, float]``: the experiment, which
-  restores from ``run_dir.restore()`` and checkpoints through ``run_dir.checkpoint``.
+  registers what it owns in a :class:`bilevel.run.RunState`, continues from
+  ``run_dir.resume(state)`` and checkpoints through ``run_dir.checkpoint(step, state)``.
 
 A YAML config names its recipe with a top-level ``recipe: NAME`` key; the rest is validated
 against that recipe's ``Config``. The CLI, sweeps and tests all go through :func:`start`

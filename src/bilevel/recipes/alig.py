@@ -51,6 +51,7 @@ from bilevel.run import (
     ModelConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     on_nonfinite,
     resolve_device,
@@ -245,19 +246,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     sampler = IndexSampler(len(ds.train), config.data.batch_size, seed=config.run.seed)
     window = torch.zeros(3, dtype=torch.float64)  # [loss sum, steps, clipped steps] since the last log
     best: dict[str, Any] = {"step": 0, "val": -1.0, "model": None}  # best validation accuracy
-
-    def snapshot() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optim": opt.state_dict(),
-                "sampler": sampler.state_dict(), "window": window.clone(), "best": best}
-
-    start, T = 0, config.run.max_steps
-    if (ckpt := run_dir.restore()) is not None:
-        model.load_state_dict(ckpt.state["model"])
-        opt.load_state_dict(ckpt.state["optim"])
-        sampler.load_state_dict(ckpt.state["sampler"])
-        window.copy_(ckpt.state["window"])
-        best.update(ckpt.state.get("best", {}))
-        start = ckpt.step
+    state = RunState(model=model, optim=opt, sampler=sampler, window=window, best=best)
+    start, T = run_dir.resume(state), config.run.max_steps
     model.train()
     diverged = None
     for step in run_dir.steps(start, T):
@@ -287,7 +277,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             metrics = evaluate(model, ds, config.eval.train_size)
             _keep_best(best, step, metrics, model)
             run_dir.log(step, metrics)
-        run_dir.checkpoint(step, snapshot(), force=step == T)
+        run_dir.checkpoint(step, state, force=step == T)
 
     final = evaluate(model, ds, config.eval.train_size)
     if diverged is None:

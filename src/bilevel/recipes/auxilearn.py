@@ -32,7 +32,7 @@ Run it::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -57,6 +57,7 @@ from bilevel.run import (
     LoggingConfig,
     ModelConfig,
     RunDir,
+    RunState,
     Section,
     SkipOrAbortRunConfig,
     resolve_device,
@@ -195,25 +196,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         assert combiner is not None
         return combiner(ell), ell
 
-    def snapshot() -> dict[str, Any]:
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "best": dict(best),
-                 **{k: v.state_dict() for k, v in samplers.items()}}
-        if combiner is not None and meta_opt is not None:
-            state |= {"combiner": combiner.state_dict(), "meta_opt": meta_opt.state_dict()}
-        return state
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        s = ckpt.state
-        model.load_state_dict(s["model"])
-        opt.load_state_dict(s["opt"])
-        best.update(s["best"])
-        for k, v in samplers.items():
-            v.load_state_dict(s[k])
-        if combiner is not None and meta_opt is not None:
-            combiner.load_state_dict(s["combiner"])
-            meta_opt.load_state_dict(s["meta_opt"])
-        start = ckpt.step
+    state = RunState(model=model, opt=opt, best=best, **samplers, combiner=combiner,
+                     meta_opt=meta_opt)  # the last two: None for stl/equal/fixed
+    start = run_dir.resume(state)
 
     for step in run_dir.steps(start, config.run.max_steps):
         model.train()
@@ -255,7 +240,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                        zip(["main", *tasks], weights, strict=True)}
         if record:
             run_dir.log(step, record)
-        run_dir.checkpoint(step, snapshot(), force=step == config.run.max_steps)
+        run_dir.checkpoint(step, state, force=step == config.run.max_steps)
 
     final = {"test/acc": accuracy(model, *data["test"]), "val/acc_final": accuracy(model, *data["val"])}
     return {**final, **best}

@@ -31,7 +31,7 @@ Run it::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -48,6 +48,7 @@ from bilevel.run import (
     ModelConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     resolve_device,
 )
@@ -212,22 +213,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         l_aux = soft_loss(aux, gen(x, y), kind=lc.loss, gamma=lc.gamma)
         return (l_main + lc.aux_scale * l_aux).mean(), l_main.mean(), l_aux.mean()
 
-    def snapshot() -> dict[str, Any]:
-        return {"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.state_dict(),
-                "meta_opt": meta_opt.state_dict(), "sampler": sampler.state_dict(),
-                "meta_sampler": meta_sampler.state_dict(), "best": dict(best)}
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        s = ckpt.state
-        net.load_state_dict(s["net"])
-        opt.load_state_dict(s["opt"])
-        gen.load_state_dict(s["gen"])
-        meta_opt.load_state_dict(s["meta_opt"])
-        sampler.load_state_dict(s["sampler"])
-        meta_sampler.load_state_dict(s["meta_sampler"])
-        best.update(s["best"])
-        start = ckpt.step
+    state = RunState(net=net, opt=opt, gen=gen, meta_opt=meta_opt, sampler=sampler,
+                     meta_sampler=meta_sampler, best=best)
+    start = run_dir.resume(state)
 
     for step in run_dir.steps(start, config.run.max_steps):
         net.train()
@@ -258,7 +246,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                        "train/aux": float(l_aux.detach())}
         if record:
             run_dir.log(step, record)
-        run_dir.checkpoint(step, snapshot(), force=step == config.run.max_steps)
+        run_dir.checkpoint(step, state, force=step == config.run.max_steps)
 
     val_loss_f, val_acc_f = evaluate(net, *data["val"])
     return {"val/loss_final": val_loss_f, "val/acc_final": val_acc_f,

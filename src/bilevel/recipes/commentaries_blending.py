@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from bilevel.run import (
     OuterOptimConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     all_finite,
     on_nonfinite,
@@ -173,24 +174,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 for i, (name, split) in enumerate([("train", "train"), ("hyper", "train"), ("val", "val")])}
     window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "fallbacks": 0.0}
 
-    def snapshot() -> dict[str, Any]:
-        return {"net": net.state_dict(), "opt_w": opt_w.state_dict(), "m": m.detach().clone(),
-                "opt_m": opt_m.state_dict(), "window": dict(window),
-                "samplers": {k: s.state_dict() for k, s in samplers.items()}}
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        net.load_state_dict(ckpt.state["net"])
-        opt_w.load_state_dict(ckpt.state["opt_w"])
-        with torch.no_grad():
-            m.copy_(ckpt.state["m"])
-        opt_m.load_state_dict(ckpt.state["opt_m"])
-        window.update(ckpt.state["window"])
-        for k, s in samplers.items():
-            s.load_state_dict(ckpt.state["samplers"][k])
-        start = ckpt.step
-    else:
-        run_dir.checkpoint(0, snapshot(), force=True)
+    state = RunState(net=net, opt_w=opt_w, m=m, opt_m=opt_m, window=window, samplers=samplers)
+    start = run_dir.resume(state, save_start=True)
 
     final: dict[str, float] = {}
     per_epoch = samplers["train"].steps_per_epoch
@@ -227,7 +212,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             final = _log(run_dir, step, net, m, r, window, data, per_epoch)
         if step % config.blending.heatmap_every == 0 or last:
             _save_grid(run_dir.path, m, step, last=last, model=config.model.name)
-        run_dir.checkpoint(step, snapshot(), force=last)
+        run_dir.checkpoint(step, state, force=last)
     return final
 
 

@@ -42,6 +42,7 @@ from bilevel.run import (
     OuterOptimConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     all_finite,
     on_nonfinite,
@@ -189,21 +190,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     def meta_loss(state: dict[str, Any], hp: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum_nll_by_batch(student, state["params"], state["buffers"], *data["val"], bs)
 
-    def snapshot() -> dict[str, Any]:
-        return {"phi": {k: v.detach().clone() for k, v in phi.items()}, "outer_opt": opt.state_dict(),
-                "sampler": sampler.state_dict(), "theta0": theta0, "student_buffers0": student_buffers0}
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        with torch.no_grad():
-            for k, v in ckpt.state["phi"].items():
-                phi[k].copy_(v)
-        opt.load_state_dict(ckpt.state["outer_opt"])
-        sampler.load_state_dict(ckpt.state["sampler"])
-        theta0, student_buffers0 = ckpt.state["theta0"], ckpt.state["student_buffers0"]
-        start = ckpt.step
-    else:
-        run_dir.checkpoint(0, snapshot(), force=True)
+    state = RunState(phi=phi, outer_opt=opt, sampler=sampler, theta0=theta0,
+                     student_buffers0=student_buffers0)
+    start = run_dir.resume(state, save_start=True)
 
     hg_cfg = config.hypergrad
     final: dict[str, float] = {}
@@ -225,7 +214,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         if last or step % config.checkpoint.every == 0:
             _write_outputs(run_dir.path, config, teacher, teacher_buffers, phi, student, r.state,
                            data, trace)
-        run_dir.checkpoint(step, snapshot(), force=last)
+        run_dir.checkpoint(step, state, force=last)
     return final
 
 

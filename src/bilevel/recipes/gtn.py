@@ -57,6 +57,7 @@ from bilevel.run import (
     OuterOptimConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     all_finite,
     on_nonfinite,
@@ -304,19 +305,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     noise_rng = torch.Generator(device=device).manual_seed(config.run.seed + 1)
     steps_T = config.hypergrad.steps
 
-    def snapshot() -> dict[str, Any]:
-        return {"teacher": teacher.state_dict(), "outer_opt": opt.state_dict(),
-                "meta_sampler": meta_sampler.state_dict(), "noise_rng": noise_rng.get_state()}
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        teacher.load_state_dict(ckpt.state["teacher"])
-        opt.load_state_dict(ckpt.state["outer_opt"])
-        meta_sampler.load_state_dict(ckpt.state["meta_sampler"])
-        noise_rng.set_state(ckpt.state["noise_rng"])
-        start = ckpt.step
-    else:
-        run_dir.checkpoint(0, snapshot(), force=True)
+    state = RunState(teacher=teacher, outer_opt=opt, meta_sampler=meta_sampler,
+                     noise_rng=noise_rng)
+    start = run_dir.resume(state, save_start=True)
 
     result: dict[str, float] = {}
     for step in run_dir.steps(start, config.run.max_steps):
@@ -360,7 +351,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         if last or (every_img and step % every_img == 0):
             save_grid(teacher, run_dir.path / "images" / f"step-{step:06d}.png", drawn,
                       title=f"{config.teacher.curriculum}, outer step {step}")
-        run_dir.checkpoint(step, snapshot(), force=last)
+        run_dir.checkpoint(step, state, force=last)
 
     keep = ("test/acc", "meta/loss", "meta/acc", "hyper/lr", "hyper/momentum")
     return {k: result[k] for k in keep if k in result}

@@ -20,7 +20,6 @@ import torch
 from pydantic import Field, field_validator
 
 from bilevel.data import IndexSampler, load_dataset
-from bilevel.functional import load_into
 from bilevel.hypergrad import HyperSGD
 from bilevel.models import MLP
 from bilevel.run import (
@@ -34,6 +33,7 @@ from bilevel.run import (
     OuterOptimConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     resolve_device,
 )
@@ -105,14 +105,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             return {"test/loss": torch.nn.functional.cross_entropy(logits, ds.test.y).item(),
                     "test/acc": (logits.argmax(1) == ds.test.y).float().mean().item()}
 
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        s = ckpt.state
-        load_into(model, s["params"])
-        opt.load_state_dict(s["opt"])
-        train_batches.load_state_dict(s["train_batches"])
-        val_batches.load_state_dict(s["val_batches"])
-        start = ckpt.step
+    state = RunState(params=dict(model.named_parameters()), opt=opt,
+                     train_batches=train_batches, val_batches=val_batches)
+    start = run_dir.resume(state)
 
     for step in run_dir.steps(start, config.run.max_steps):
         for _ in range(config.hypergrad.steps):  # the last step's update is differentiated
@@ -127,9 +122,6 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             if step % config.eval_every == 0 or step == config.run.max_steps:
                 metrics |= evaluate()
             run_dir.log(step, metrics)
-        run_dir.checkpoint(step, {
-            "params": {k: v.detach() for k, v in model.named_parameters()}, "opt": opt.state_dict(),
-            "train_batches": train_batches.state_dict(), "val_batches": val_batches.state_dict(),
-        }, force=step == config.run.max_steps)
+        run_dir.checkpoint(step, state, force=step == config.run.max_steps)
 
     return {**evaluate(), **{f"lr/{k}": v for k, v in learned_lrs().items()}}

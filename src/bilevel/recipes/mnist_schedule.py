@@ -44,6 +44,7 @@ from bilevel.run import (
     ModelConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     resolve_device,
 )
@@ -131,13 +132,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     def momentum(hp: Any, t: int) -> torch.Tensor:
         return torch.sigmoid(hp["logit_momentum"][t // cs.every])
 
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        with torch.no_grad():
-            for k, v in h.items():
-                v.copy_(ckpt.state["h"][k])
-        outer.load_state_dict(ckpt.state["outer"])
-        start = ckpt.step
+    state = RunState(h=h, outer=outer)
+    start = run_dir.resume(state)
 
     for step in run_dir.steps(start, config.run.max_steps):
         r = hypergrad.reversible(loss_fn, val_loss, w0, h, steps=cs.steps, lr=lr,
@@ -155,8 +151,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 "hyper/grad_norm": math.sqrt(sum(float(g.pow(2).sum()) for g in r.hypergrad.values())),
                 "buffer_mb": r.info["buffer_bytes"] / 2**20,
             })
-        run_dir.checkpoint(step, {"h": {k: v.detach() for k, v in h.items()},
-                                  "outer": outer.state_dict()}, force=step == config.run.max_steps)
+        run_dir.checkpoint(step, state, force=step == config.run.max_steps)
 
     learned_lr = (10 ** h["log_lr"].detach()).tolist()
     learned_mom = torch.sigmoid(h["logit_momentum"].detach()).tolist()

@@ -36,7 +36,16 @@ from bilevel.hypergrad import HyperSGD, write_grad
 from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes._onepass_algos import ALGORITHMS, Inner
 from bilevel.recipes._onepass_task import DataSection, ModelSection, Task, build_task
-from bilevel.run import CheckpointConfig, LoggingConfig, RunConfig, RunDir, Section, resolve_device
+from bilevel.run import (
+    Accessor,
+    CheckpointConfig,
+    LoggingConfig,
+    RunConfig,
+    RunDir,
+    RunState,
+    Section,
+    resolve_device,
+)
 from bilevel.run.faults import kill_point
 from bilevel.tree import tree_all_finite
 
@@ -196,26 +205,18 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     n_hyper = a.hyper_steps or config.run.max_steps // a.weight_steps
     counts = {"skipped": 0}
 
-    def snapshot() -> dict[str, Any]:
-        return {"w": {k: v.detach() for k, v in inner.w.items()}, "buf": inner.buffers(),
-                "t": inner.t, "hp": hp.state_dict(), "outer": outer.state_dict() if outer else {},
-                "opt": inner.opt.state_dict() if inner.opt else {}, "task": task.state_dict(),
-                **counts}
-
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        s = ckpt.state
-        if inner.opt:
-            inner.opt.load_state_dict(s["opt"])
-        inner.set_weights(s["w"], s["buf"])
-        inner.t = int(s["t"])
-        hp.load_state_dict(s["hp"])
-        if outer:
-            outer.load_state_dict(s["outer"])
-        task.load_state_dict(s["task"])
-        counts["skipped"], start = int(s["skipped"]), ckpt.step
-    else:
-        run_dir.checkpoint(0, snapshot(), force=True)
+    # The algorithms rebind inner.w, inner.buf and inner.t (and inner.w starts as w0 itself,
+    # kept for resets), so these are read and set through the Inner, never copied into.
+    # opt goes first: set_weights then replaces the momentum buffers it loaded. An absent
+    # optimiser saves {}, as checkpoints always have.
+    state = RunState(
+        opt=inner.opt or {},
+        w=Accessor(get=lambda: {k: v.detach() for k, v in inner.w.items()},
+                   set=lambda w: inner.set_weights(w, inner.buffers())),
+        buf=Accessor(get=inner.buffers, set=lambda buf: inner.set_weights(inner.w, buf)),
+        t=Accessor(get=lambda: inner.t, set=lambda t: setattr(inner, "t", int(t))),
+        hp=hp, outer=outer or {}, task=task, **Accessor.items(counts))
+    start = run_dir.resume(state, save_start=True)
 
     metrics: dict[str, float] = {}
     for step in run_dir.steps(start, n_hyper):
@@ -230,7 +231,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             metrics = {**dict.fromkeys(metrics or task.evaluate(w0), math.nan),
                        "weight_steps": float(inner.t)}
             run_dir.log(step, metrics)
-            run_dir.checkpoint(step, snapshot(), force=True)
+            run_dir.checkpoint(step, state, force=True)
             break
         if not hyper_update(hp, outer, hg, nan_policy=config.run.nan_policy, step=step):
             counts["skipped"] += 1
@@ -243,7 +244,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             if outer_loss is not None:
                 metrics["hyper/outer_loss"] = float(outer_loss)
             run_dir.log(step, metrics)
-        run_dir.checkpoint(step, snapshot(), force=step == n_hyper)
+        run_dir.checkpoint(step, state, force=step == n_hyper)
     if not metrics:  # resumed after the last step: nothing left to run
         metrics = {**task.evaluate(inner.w), "weight_steps": float(inner.t)}
     return {**metrics, "hypergrad_skipped": float(counts["skipped"])}

@@ -23,6 +23,7 @@ from torch import nn
 
 from bilevel import hypergrad
 from bilevel.run import (
+    Accessor,
     CheckpointConfig,
     DataConfig,
     HParamConfig,
@@ -33,6 +34,7 @@ from bilevel.run import (
     OuterOptimConfig,
     RunConfig,
     RunDir,
+    RunState,
     Section,
     all_finite,
     on_nonfinite,
@@ -123,21 +125,16 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     opt_cls = torch.optim.Adam if config.outer.name == "adam" else torch.optim.SGD
     opt = opt_cls([log_lr], lr=config.outer.lr)
     sampler = IndexSampler(len(data["train"][0]), config.data.batch_size, seed=config.run.seed)
-    extra = {"rollbacks": 0, "lr_scale": 1.0}
+    extra = {"rollbacks": 0, "lr_scale": 1.0}  # the outer lr is config.outer.lr * lr_scale
 
-    def load(state: dict[str, Any]) -> None:
-        params.update(state["params"])
-        with torch.no_grad():
-            log_lr.copy_(state["log_lr"])
-        opt.load_state_dict(state["outer_opt"])
-        sampler.load_state_dict(state["sampler"])
-        extra.update(rollbacks=state["rollbacks"], lr_scale=state["lr_scale"])
-        for group in opt.param_groups:
-            group["lr"] = config.outer.lr * extra["lr_scale"]
+    def set_params(w: dict[str, torch.Tensor]) -> None:
+        nonlocal params
+        params = dict(w)
 
-    def snapshot() -> dict[str, Any]:
-        return {"params": dict(params), "log_lr": log_lr.detach().clone(),
-                "outer_opt": opt.state_dict(), "sampler": sampler.state_dict(), **extra}
+    # params is rebound every step, so it is set, not copied into. The scaled outer lr
+    # travels in the optimiser's own state.
+    state = RunState(params=Accessor(get=lambda: dict(params), set=set_params), log_lr=log_lr,
+                     outer_opt=opt, sampler=sampler, **Accessor.items(extra))
 
     def loss_of(m: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool) -> torch.Tensor:
         m.train(train)
@@ -159,13 +156,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         with torch.no_grad():
             return loss_of(model, x, y, train=False).item()
 
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:
-        load(ckpt.state)
-        start = ckpt.step
-    else:
-        run_dir.checkpoint(0, snapshot(), force=True)  # a rollback target and resume point
-    done = start  # steps completed by the trajectory being followed
+    done = run_dir.resume(state, save_start=True)  # steps done by the trajectory followed
     while True:
         for step in run_dir.steps(done, config.run.max_steps):
             for i in range(config.hypergrad.steps):
@@ -199,20 +190,18 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                                    "val/loss": r.outer_loss.item(),
                                    "hyper/lr": 10.0 ** log_lr.item(),
                                    "hypergrad/log10_lr": hg.item()})
-            run_dir.checkpoint(step, snapshot(), force=step == config.run.max_steps)
+            run_dir.checkpoint(step, state, force=step == config.run.max_steps)
         else:
             break
-        ckpt = run_dir.restore()  # rollback: back to the last checkpoint, smaller hyper lr
-        assert ckpt is not None  # step 0 is always checkpointed
-        load(ckpt.state)
+        # rollback: back to the last checkpoint (step 0 is always saved), smaller hyper lr
+        done = run_dir.resume(state)
         extra.update(rollbacks=extra["rollbacks"] + 1, lr_scale=extra["lr_scale"] * ROLLBACK_FACTOR)
         for group in opt.param_groups:
             group["lr"] = config.outer.lr * extra["lr_scale"]
-        done = ckpt.step
         # The restore cut the metrics back, so this event also records what happened.
         run_dir.event(done, "rollback", nonfinite_step=bad_step, what="hypergradient",
                       outer_lr=config.outer.lr * extra["lr_scale"])
-        run_dir.checkpoint(done, snapshot(), force=True)
+        run_dir.checkpoint(done, state, force=True)
 
     final = {f"{k}/loss": loss_at(params, *xy) for k, xy in data.items()}
     return {**final, "hyper/lr": 10.0 ** log_lr.item()}

@@ -29,8 +29,10 @@ from bilevel.run.seeding import (
     restore_rng,
     seed_everything,
 )
+from bilevel.run.state import Accessor, RunState
 
 __all__ = [
+    "Accessor",
     "Checkpoint",
     "CheckpointConfig",
     "CheckpointStore",
@@ -48,6 +50,7 @@ __all__ = [
     "RunInterrupted",
     "RunLock",
     "RunLockedError",
+    "RunState",
     "Section",
     "SkipOrAbortRunConfig",
     "all_finite",

@@ -19,13 +19,12 @@ SIGTERM checkpoint and stop (:mod:`bilevel.run.signals`).
 
 A recipe uses it like this (every step is checkpointed when due or when Ctrl-C was pressed)::
 
-    start = 0
-    if (ckpt := run_dir.restore()) is not None:     # also restores every RNG
-        load(ckpt.state); start = ckpt.step
+    state = RunState(model=model, opt=opt, sampler=sampler)   # see bilevel.run.state
+    start = run_dir.resume(state)                   # also restores every RNG; 0 when fresh
     for step in run_dir.steps(start, config.run.max_steps):
         ...                                         # one step
         run_dir.log(step, {"train/loss": loss})
-        run_dir.checkpoint(step, state_dict())      # saves every checkpoint.every steps
+        run_dir.checkpoint(step, state)             # saves every checkpoint.every steps
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from bilevel.run.safeio import create_exclusive, write_atomic
 from bilevel.run.schema import RESUMABLE_CHANGES, CheckpointConfig, LoggingConfig
 from bilevel.run.seeding import capture_rng, restore_rng
 from bilevel.run.signals import RunInterrupted, StopSignals
+from bilevel.run.state import RunState
 from bilevel.run.yamlio import dump_yaml
 
 __all__ = ["Checkpoint", "RunDir", "RunInterrupted"]
@@ -258,6 +258,27 @@ class RunDir:
             writer.write(entry.step, {"event": kind, "detail": msg})
         return Checkpoint(step=entry.step, state=payload["state"])
 
+    def resume(self, state: RunState, *, save_start: bool = False) -> int:
+        """Restore the newest valid checkpoint into ``state`` (and every RNG, as
+        :meth:`restore`); return the step to continue from, 0 for a fresh run.
+
+        Args:
+            save_start: on a fresh run, checkpoint step 0 at once: a resume point before a
+                long first step, and a target for ``nan_policy: rollback``.
+
+        Raises:
+            CheckpointError: as :meth:`restore`; also when the checkpoint's keys are not
+                ``state``'s (a checkpoint of another recipe version).
+            ConfigError: the checkpoint was written under a config that changed.
+        """
+        ckpt = self.restore()
+        if ckpt is not None:
+            state.load_state_dict(ckpt.state)
+            return ckpt.step
+        if save_start:
+            self.checkpoint(0, state, force=True)
+        return 0
+
     def _check_payload(self, payload: dict[str, Any]) -> None:
         """Reject (so that the previous checkpoint is tried) a payload lacking a key."""
         missing = [k for k in PAYLOAD_KEYS if k not in payload]
@@ -297,9 +318,11 @@ class RunDir:
         self._writer().write(step, {"event": kind, **info})
         print(f"step {step}: {kind} {info}", file=sys.stderr)
 
-    def checkpoint(self, step: int, state: Mapping[str, Any], *, force: bool = False) -> bool:
+    def checkpoint(self, step: int, state: RunState | Mapping[str, Any], *,
+                   force: bool = False) -> bool:
         """Save ``state`` (+ RNG states) if due (every ``checkpoint.every`` steps), forced,
-        or Ctrl-C was pressed. Returns whether it saved.
+        or Ctrl-C was pressed. Returns whether it saved. A :class:`RunState` is read only
+        then; a mapping is the saved state itself.
 
         Raises:
             RunInterrupted: after saving, when Ctrl-C was pressed (exit code 130).
@@ -310,7 +333,8 @@ class RunDir:
         if not due:
             return False
         offset = self._writer().sync()
-        payload = {"format": 1, "step": step, "state": dict(state), "rng": capture_rng(),
+        saved = state.state_dict() if isinstance(state, RunState) else dict(state)
+        payload = {"format": 1, "step": step, "state": saved, "rng": capture_rng(),
                    "metrics_offset": offset, "wall": time.time() - self._t0,
                    "config": self.config, "config_hash": self.config_hash}
         self._store.save(step, payload)
