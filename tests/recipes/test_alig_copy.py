@@ -18,7 +18,8 @@ from bilevel.errors import ConfigError
 from bilevel.recipes import resolve, shipped_configs, start
 from bilevel.recipes.alig import OptimConfig, build_optimizer
 from bilevel.report.alig_plots import SweepPoint, label_of, plot_sweep, sweep_table
-from tests.recipes.test_alig import cli, records, write
+from tests.cli.conftest import run_cli
+from tests.recipes.test_alig import records, write
 
 COPY = """\
 recipe: alig
@@ -35,8 +36,8 @@ checkpoint: {every: 10, keep_last: 2}
 @pytest.fixture(scope="module")
 def copy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("copy")
-    r = cli("run", write(root, COPY), "--out", root / "run")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", write(root, COPY), "--out", root / "run")
+    assert r.code == 0, r.err
     return root / "run"
 
 
@@ -51,10 +52,10 @@ def test_dnc_learns_and_reports_the_tail_mean(copy_run: Path) -> None:
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, copy_run: Path) -> None:
-    r = cli("run", write(tmp_path, COPY), "--out", tmp_path / "cut", fault="inner@23")
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    r = cli("resume", tmp_path / "cut")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", write(tmp_path, COPY), "--out", tmp_path / "cut", fault="inner@23")
+    assert r.code == -signal.SIGKILL, r.err
+    r = run_cli("resume", tmp_path / "cut")
+    assert r.code == 0, r.err
     assert records(copy_run) == records(tmp_path / "cut")
 
 
