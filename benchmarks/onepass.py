@@ -6,7 +6,7 @@
 
 Every row runs the ``onepass`` recipe's own training loop (``ALGORITHMS[name]`` hyper-step by
 hyper-step, then the outer optimiser step and the ``log10 lr`` clip, as
-:func:`bilevel.recipes.onepass.run` does), with the settings of the shipped algorithm YAMLs,
+:func:`bilevel.recipes.onepass.recipe.run` does), with the settings of the shipped algorithm YAMLs,
 and nothing else: no evaluation, logging or checkpointing. Within a problem every row starts
 from the same data, the same initial weights (``run.seed``), the same initial hyperparameters
 (``--lr``, ``--wd``, ``--momentum``) and the same sampler state, and is timed over the same
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from bilevel.recipes import resolve
-from bilevel.recipes.onepass import (
+from bilevel.recipes.onepass.recipe import (
     ALGORITHMS,
     Config,
     Inner,

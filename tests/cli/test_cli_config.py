@@ -113,3 +113,22 @@ def test_configs_lists_and_every_shipped_config_validates() -> None:
 
 def test_tiny_config_is_itself_valid() -> None:
     assert TINY.startswith("# bilevel run")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    # `bilevel configs | head -1`: a closed pipe ends the listing quietly, exit 0. The read
+    # end is closed before the process starts, so its first write always meets it.
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli.conftest import cli_env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bilevel", "configs"], stdout=write,
+                              stderr=subprocess.PIPE, env=cli_env(), text=True, check=False)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")

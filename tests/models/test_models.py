@@ -12,12 +12,11 @@ from bilevel.models import (
     MLP,
     CBRStudent,
     CBRTeacher,
-    GTNLearner,
-    GTNTeacher,
     LSTMLanguageModel,
     resnet18,
     resnet34,
 )
+from bilevel.recipes.gtn.models import GTNLearner, GTNTeacher
 
 
 def _count(model: nn.Module) -> int:

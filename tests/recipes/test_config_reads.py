@@ -36,10 +36,11 @@ NAN = "run.nan_policy"  # read when a non-finite value appears (tests/cli/test_c
 CONDITIONAL: dict[str, set[str]] = {
     "onepass": {"model.embedding_dim", "model.hidden_size", "model.num_layers",  # lstm only
                 "run.max_steps"},  # read when algorithm.hyper_steps is unset (the shipped configs)
-    "auxilearn": {NAN},  # tests/recipes/test_auxilearn_tasks.py::test_nan_policy
+    "auxilearn": {NAN},  # tests/recipes/auxilearn/test_auxilearn_tasks.py::test_nan_policy
     "toy_hyperlr": {NAN},
     "commentaries_weighting": {NAN},
     "commentaries_blending": {NAN},
+    "skeleton": {NAN},  # tests/recipes/skeleton/test_skeleton.py::test_nan_policy
 }
 
 IGNORED: dict[str, set[str]] = {
@@ -111,14 +112,14 @@ def unread(files: list[Path | str], sets: list[str], out: Path) -> set[str]:
 def _settings(tmp: Path) -> dict[str, list[tuple[list[Path | str], list[str]]]]:
     from tests.cli.conftest import TINY as TOY
     from tests.cli.test_cli_mnist_lr import TINY as MNIST_LR
-    from tests.recipes.test_alig import SGD as ALIG_SGD
-    from tests.recipes.test_alig import TINY as ALIG
-    from tests.recipes.test_auxilearn_cli import TINY as AUX
-    from tests.recipes.test_auxilearn_labels import TINY as AUX_LABELS
-    from tests.recipes.test_commentaries_cli import BLENDING, WEIGHTING
-    from tests.recipes.test_gtn_cli import TINY as GTN
-    from tests.recipes.test_mnist_schedule_cli import TINY as SCHEDULE
-    from tests.recipes.test_onepass_cli import ALGOS
+    from tests.recipes.alig.test_alig import SGD as ALIG_SGD
+    from tests.recipes.alig.test_alig import TINY as ALIG
+    from tests.recipes.auxilearn.test_auxilearn_cli import TINY as AUX
+    from tests.recipes.auxilearn.test_auxilearn_labels import TINY as AUX_LABELS
+    from tests.recipes.commentaries.test_commentaries_cli import BLENDING, WEIGHTING
+    from tests.recipes.gtn.test_gtn_cli import TINY as GTN
+    from tests.recipes.mnist_schedule.test_mnist_schedule_cli import TINY as SCHEDULE
+    from tests.recipes.onepass.test_onepass_cli import ALGOS
 
     def write(name: str, text: str) -> list[Path | str]:
         (tmp / name).write_text(text)
@@ -155,6 +156,7 @@ def _settings(tmp: Path) -> dict[str, list[tuple[list[Path | str], list[str]]]]:
         "mnist_lr": [argv(MNIST_LR)],
         "mnist_schedule": [argv(SCHEDULE)],
         "onepass": onepass,
+        "skeleton": [(["skeleton/ridge.yaml"], ["run.max_steps=2"])],
     }
 
 

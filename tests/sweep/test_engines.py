@@ -124,7 +124,7 @@ def test_optuna_bo_starts_from_the_inits_and_resumes_its_study(tmp_path):
     root = tmp_path / "bo/random_validation/bo"
     first = Ledger(root / "ledger.jsonl")
     space = Space.from_dict({k: v for k, v in __import__(
-        "bilevel.recipes.onepass", fromlist=["SEARCH_SPACE"]).SEARCH_SPACE.items()
+        "bilevel.recipes.onepass.recipe", fromlist=["SEARCH_SPACE"]).SEARCH_SPACE.items()
         if k in SEARCH})
     assert first.jobs[0]["job"]["config"] == pytest.approx(space.draw(0, seed=0))
     kw["trials"] = 4

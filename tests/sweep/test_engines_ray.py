@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from bilevel.data import fetch_dataset
-from bilevel.recipes.onepass import SEARCH_SPACE
+from bilevel.recipes.onepass.recipe import SEARCH_SPACE
 from bilevel.sweep.scheduled import scheduled_sweep
 from bilevel.sweep.schedulers import Space
 from tests.conftest import shared_data_dir

@@ -13,8 +13,8 @@ import pytest
 
 from bilevel.cli import main
 from bilevel.errors import ConfigError
+from bilevel.recipes.onepass.table import markdown, table, three_batched
 from bilevel.report.collect import RunRecord
-from bilevel.report.onepass_table import markdown, table, three_batched
 from bilevel.report.stats import bootstrap_summary
 from bilevel.sweep import check_space, make_plan, sample
 from bilevel.sweep.plan import Plan
@@ -166,13 +166,13 @@ def test_sensitivity_report_over_T_and_i(tmp_path: Path, capsys: pytest.CaptureF
         assert main(["sweep", "onepass/uci_energy.yaml", "-a", "onepass/ours_wd_lr_m.yaml", *common,
                      "--out", str(tmp_path / f"ours-T{T}-i3"), "--set", steps,
                      "--set", f"algorithm.weight_steps={T}", "--set", "algorithm.terms=3"]) == 0
-    assert main(["sensitivity-report", str(tmp_path)]) == 0
+    assert main(["onepass", "sensitivity", str(tmp_path)]) == 0
     text = (tmp_path / "sensitivity.md").read_text()
     assert "| T = 1 |" in text and "| T = 2 |" in text and "i = 3" in text
     assert text.count("/2)") == 2  # both cells paired with Random on both initialisations
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     capsys.readouterr()
-    assert main(["sensitivity-report", str(tmp_path / "random-T1")]) == 2  # no cells: exit 2
+    assert main(["onepass", "sensitivity", str(tmp_path / "random-T1")]) == 2  # no cells: exit 2
 
 
 def test_a_sweep_continues_from_another_checkout_with_the_same_configs(tmp_path: Path) -> None:

@@ -26,12 +26,12 @@ def register(sub: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from bilevel.recipes import CONFIG_ROOT, shipped_configs
+    from bilevel.recipes import config_ref, shipped_configs
 
     for path in shipped_configs():
         first = path.read_text().splitlines()[0]
         command = first.lstrip("# ").strip()
-        print(f"{path.relative_to(CONFIG_ROOT)!s:40}  {command}")
+        print(f"{config_ref(path):40}  {command}")
     return 0
 
 

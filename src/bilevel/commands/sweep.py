@@ -1,5 +1,5 @@
 """``bilevel sweep``: many runs sharing random initialisations; ``bilevel sweep-report``:
-the seed's table and loss-evolution figure over a sweep directory."""
+the table and figure of a sweep directory (the recipe's own report where it has one)."""
 
 from __future__ import annotations
 
@@ -49,30 +49,19 @@ def register(sub: Any) -> None:
     s.add_argument("--ray-address", metavar="HOST:PORT", help="existing Ray cluster")
     p.set_defaults(handler=_sweep)
 
-    r = sub.add_parser("sweep-report", help="the paper's table (bootstrap mean/median/best) "
-                       "and loss-evolution figure of a sweep directory")
+    r = sub.add_parser("sweep-report", help="table and figure of a sweep directory (the "
+                       "recipe's report: for onepass, the paper's bootstrap table)")
     r.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR",
                    help="one sweep directory, or several made with the same --seed and space "
                    "(e.g. a later sweep of another algorithm): their runs are paired")
-    r.add_argument("--metric", help="final metric (default: test/loss_unnormalised, "
-                   "test/perplexity or test/loss, whichever the runs have)")
+    r.add_argument("--metric", help="final metric (default: the recipe's; onepass: "
+                   "test/loss_unnormalised, test/perplexity or test/loss, whichever the runs have)")
     r.add_argument("--out", metavar="DIR", help="where to write table.md/.csv, summary.md and "
                    "the figure (default: the first SWEEP_DIR)")
     r.add_argument("--diverged-at", type=float, metavar="X", help="count final values >= X as "
                    "diverged, like NaN (Clarke et al. use 1e3 for Fashion-MNIST losses)")
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(handler=_report)
-
-    g = sub.add_parser("sensitivity-report", help="Clarke et al.'s sensitivity heat-map over "
-                       "the update interval T and Neumann terms i",
-                       description="Read ROOT/ours-T<T>-i<i> and ROOT/random-T<T> (sweeps made "
-                       "with the same --seed) and write sensitivity.md and sensitivity.png: "
-                       "median final loss per cell and its paired wins over Random.")
-    g.add_argument("root", metavar="ROOT")
-    g.add_argument("--metric", default="test/loss_unnormalised")
-    g.add_argument("--out", metavar="DIR", help="default: ROOT")
-    g.add_argument("--no-plots", action="store_true")
-    g.set_defaults(handler=_sensitivity)
 
 
 def _scheduled(args: argparse.Namespace, space: Any) -> int:
@@ -129,18 +118,10 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _sensitivity(args: argparse.Namespace) -> int:
-    from bilevel.report.onepass_sensitivity import write
-
-    for path in write(args.root, metric=args.metric, out=args.out, plots=not args.no_plots):
-        print(path)
-    return 0
-
-
 def _report(args: argparse.Namespace) -> int:
-    from bilevel.report.onepass_table import write_report
+    from bilevel.sweep.report import write_sweep_report
 
-    for path in write_report(args.sweep_dirs, metric=args.metric, out=args.out,
-                             plots=not args.no_plots, diverged_at=args.diverged_at):
+    for path in write_sweep_report(args.sweep_dirs, metric=args.metric, out=args.out,
+                                   plots=not args.no_plots, diverged_at=args.diverged_at):
         print(path)
     return 0

@@ -6,7 +6,6 @@ Each class documents its source and parameter count. This package imports nothin
 
 from bilevel.models.cbr import CBRStudent, CBRTeacher
 from bilevel.models.dnc import DNC
-from bilevel.models.gtn import GTNLearner, GTNTeacher
 from bilevel.models.lstm import LSTMLanguageModel
 from bilevel.models.mlp import ACTIVATIONS, MLP
 from bilevel.models.resnet import ResNet, resnet18, resnet34
@@ -17,8 +16,6 @@ __all__ = [
     "MLP",
     "CBRStudent",
     "CBRTeacher",
-    "GTNLearner",
-    "GTNTeacher",
     "LSTMLanguageModel",
     "ResNet",
     "resnet18",

@@ -1,6 +1,9 @@
-"""The recipe registry: name -> module with ``Config`` and ``run(config, run_dir)``.
+"""The recipe registry: recipe folders are discovered, configs resolved, runs started.
 
-A recipe module defines
+Every sub-package of ``bilevel.recipes`` that declares ``PACKAGE`` (a
+:class:`bilevel.recipes.package.Package`) is a recipe folder, and so is every module
+registered under the entry point group ``bilevel.recipes`` by another distribution: there is
+no central list to edit. A recipe module defines
 
 * ``Config``: a :class:`bilevel.run.Section` (pydantic, ``extra="forbid"``) with a
   ``run: RunConfig`` field, usually also ``logging`` and ``checkpoint`` sections;
@@ -15,9 +18,14 @@ and :func:`resume`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import pkgutil
 import time
+import warnings
 from collections.abc import Iterable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bilevel.errors import ConfigError
+from bilevel.recipes.package import Package
 from bilevel.run import (
     RawConfig,
     RunDir,
@@ -34,40 +43,95 @@ from bilevel.run import (
     validate,
 )
 
-RECIPES: dict[str, str] = {
-    "alig": "bilevel.recipes.alig",
-    "commentaries_blending": "bilevel.recipes.commentaries_blending",
-    "commentaries_weighting": "bilevel.recipes.commentaries_weighting",
-    "gtn": "bilevel.recipes.gtn",
-    "mnist_lr": "bilevel.recipes.mnist_lr",
-    "mnist_schedule": "bilevel.recipes.mnist_schedule",
-    "onepass": "bilevel.recipes.onepass",
-    "toy_hyperlr": "bilevel.recipes.toy_hyperlr",
-    "auxilearn": "bilevel.recipes.auxilearn",
-    "auxilearn_labels": "bilevel.recipes.auxilearn_labels",
-}
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+ENTRY_POINT_GROUP = "bilevel.recipes"
 
 
-def names() -> list[str]:
-    """The registered recipe names, sorted."""
-    return sorted(RECIPES)
+@functools.cache
+def packages() -> dict[str, Package]:
+    """Every recipe folder: ``{folder name: Package}``, built-in ones first, sorted.
+
+    Raises:
+        ConfigError: a built-in folder without ``PACKAGE``, or a recipe name declared twice.
+    """
+    import bilevel.recipes as root
+
+    found: dict[str, Package] = {}
+    for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda i: i.name):
+        if info.ispkg and not info.name.startswith("_"):
+            found[info.name] = _load(f"bilevel.recipes.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:  # a broken plug-in must not take the built-in recipes down with it
+            pkg = _load(ep.value)
+        except Exception as exc:
+            warnings.warn(f"recipe package {ep.value!r} (entry point {ep.name!r}) skipped: "
+                          f"{exc}", stacklevel=2)
+            continue
+        if ep.name in found:
+            raise ConfigError(f"recipe package {ep.value!r}: the folder name {ep.name!r} is "
+                              "taken; register it under another entry-point name")
+        found[ep.name] = pkg
+    _index(found)  # refuse a recipe name declared twice now, not at first use
+    return found
 
 
-def get(name: str) -> ModuleType:
-    """The module of recipe ``name``.
+def _load(module_name: str) -> Package:
+    module = importlib.import_module(module_name)
+    pkg = getattr(module, "PACKAGE", None)
+    if not isinstance(pkg, Package):
+        raise ConfigError(f"{module_name} is a recipe folder but defines no PACKAGE: declare "
+                          "one (see bilevel.recipes.package), or move it out of bilevel/recipes")
+    return dataclasses.replace(pkg, origin=module_name)
+
+
+def _index(found: dict[str, Package]) -> dict[str, Package]:
+    index: dict[str, Package] = {}
+    for pkg in found.values():
+        for name in pkg.recipes:
+            if name in index:
+                raise ConfigError(f"recipe {name!r} is declared by both {index[name].origin} "
+                                  f"and {pkg.origin}; rename one")
+            index[name] = pkg
+    return index
+
+
+def package_of(name: str) -> Package:
+    """The package that declares recipe ``name``.
 
     Raises:
         ConfigError: for an unknown name, listing the known ones.
     """
-    if name not in RECIPES:
+    index = _index(packages())
+    if name not in index:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(names())}")
-    return importlib.import_module(RECIPES[name])
+    return index[name]
+
+
+def names() -> list[str]:
+    """The recipe names of every package, sorted."""
+    return sorted(_index(packages()))
+
+
+def get(name: str) -> ModuleType:
+    """The module of recipe ``name`` (``Config``, ``run``, optional hooks)."""
+    return package_of(name).recipe_module(name)
+
+
+def config_dir(name: str) -> Path:
+    """Where recipe ``name``'s shipped configs live: ``<folder>/configs/<name>/``."""
+    pkg = package_of(name)
+    folder = importlib.import_module(pkg.origin).__file__
+    assert folder is not None
+    return Path(folder).resolve().parent / "configs" / name
 
 
 def shipped_configs() -> list[Path]:
-    """Every YAML config shipped with the package, sorted."""
-    return sorted(CONFIG_ROOT.glob("*/*.yaml"))
+    """Every YAML config shipped with a recipe package, sorted by name."""
+    return [p for name in names() for p in sorted(config_dir(name).glob("*.yaml"))]
+
+
+def config_ref(path: Path) -> str:
+    """The short name of a shipped config, ``recipe/file.yaml``."""
+    return f"{path.parent.name}/{path.name}"
 
 
 def find_config(ref: str | Path) -> Path:
@@ -75,9 +139,16 @@ def find_config(ref: str | Path) -> Path:
     path = Path(ref)
     if path.is_file():
         return path
-    for cand in (CONFIG_ROOT / path, CONFIG_ROOT / path.with_suffix(".yaml")):
-        if cand.is_file():
-            return cand
+    parts = path.parts
+    # Before recipe folders, shipped configs lived in bilevel/recipes/configs/<recipe>/, and
+    # sweep plans written then name them by that absolute path: read them as short names.
+    if len(parts) > 4 and parts[-4:-2] == ("recipes", "configs"):
+        parts = parts[-2:]
+    if len(parts) == 2 and parts[0] in names():
+        where = config_dir(parts[0]) / parts[1]
+        for cand in (where, where.with_suffix(".yaml")):
+            if cand.is_file():
+                return cand
     raise ConfigError(f"config file {ref} not found (nor a shipped config of that name; "
                       "`bilevel configs` lists them)")
 
@@ -89,7 +160,7 @@ def resolve_raw(raw: RawConfig) -> tuple[str, BaseModel, dict[str, Any]]:
     if not isinstance(name, str):
         raise ConfigError(f"recipe ({where}): every config needs a top-level `recipe: NAME` "
                           f"key; known recipes: {', '.join(names())}")
-    if name not in RECIPES:
+    if name not in names():
         raise ConfigError(f"recipe = {name!r} ({where}): unknown recipe; known recipes: "
                           f"{', '.join(names())}")
     config = validate(get(name).Config, raw, ignore=("recipe",))

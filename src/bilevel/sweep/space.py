@@ -2,7 +2,7 @@
 
 A space is written as a plain mapping ``{dotted config key: {"dist": NAME, "low": a, "high": b}}``
 (:data:`SpaceDict`), so it lives in a recipe (``SEARCH_SPACE``, e.g. Clarke et al.'s ranges in
-``bilevel.recipes.onepass``), in a YAML file (``--space``), or is translated for Optuna and
+``bilevel.recipes.onepass.recipe``), in a YAML file (``--space``), or is translated for Optuna and
 Ray Tune by :meth:`Param.to_optuna` / :meth:`Param.to_ray`:
 
 ==================  ==========================================  ===========================

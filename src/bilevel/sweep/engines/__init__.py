@@ -9,8 +9,8 @@
   :mod:`.ray_instance` starts its private local instance or joins a cluster.
 """
 
-from bilevel.sweep.engines._jobs import ADOPT, JobResult, JobSpec, execute, warm_start
+from bilevel.sweep.engines._jobs import JobResult, JobSpec, execute, warm_start
 from bilevel.sweep.engines.local_engine import Ledger, best, run_scheduler, totals
 
-__all__ = ["ADOPT", "JobResult", "JobSpec", "Ledger", "best", "execute", "run_scheduler",
+__all__ = ["JobResult", "JobSpec", "Ledger", "best", "execute", "run_scheduler",
            "totals", "warm_start"]

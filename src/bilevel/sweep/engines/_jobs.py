@@ -8,7 +8,8 @@ Every engine trains trials the same way, through :func:`bilevel.recipes.start` a
 * ``continue`` (ASHA promotion, PBT survivor): resume the trial's run with a higher
   ``run.max_steps`` (``--allow-config-change`` admits exactly that key);
 * ``exploit`` (PBT): write a new run directory whose first checkpoint is the donor's
-  snapshot, with the state adopted to the explored config (:data:`ADOPT`), then resume it.
+  snapshot, with the state adopted to the explored config by the recipe's
+  ``adopt_state(state, config)``, then resume it.
 
 A resource unit is one unit of ``run.max_steps`` (a weight step for ``onepass``). After each
 job the run's newest checkpoint is copied to ``snapshot`` (PBT donors are read from there,
@@ -21,30 +22,14 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bilevel.errors import ConfigError, shared_cause_code
 from bilevel.sweep.schedulers import Job
-
-Adopt = Callable[[dict[str, Any], Any], dict[str, Any]]
-
-
-def _adopt_onepass(state: dict[str, Any], config: Any) -> dict[str, Any]:
-    """onepass: the explored ``inner.*`` values replace the (learned) hyperparameters;
-    weights, momentum buffers, the outer Adam state and the data order are the donor's."""
-    from bilevel.recipes.onepass import hyperparameters
-
-    return {**state, "hp": hyperparameters(config, dict(state["w"])).state_dict()}
-
-
-# recipe -> how a donor's checkpoint state takes a new config (PBT exploit + explore).
-# A recipe may instead define ``adopt_state(state, config) -> state`` itself.
-ADOPT: dict[str, Adopt] = {"onepass": _adopt_onepass}
 
 
 @dataclass(frozen=True)
@@ -97,16 +82,16 @@ def warm_start(donor_snapshot: Path, path: Path, configs: Sequence[str],
     """Make ``path`` a run directory of the new config whose only checkpoint is the donor's
     state (adopted to the config unless ``adopt=False``, for a restart of the same trial);
     ``bilevel resume path`` then trains on from it."""
-    from bilevel.recipes import get, resolve
+    from bilevel.recipes import get, names, resolve
     from bilevel.run import CheckpointStore, RunDir
 
     name, config, resolved = resolve(configs, overrides)
-    adopter = getattr(get(name), "adopt_state", None) or ADOPT.get(name)
+    adopter = getattr(get(name), "adopt_state", None)
     if adopter is None and adopt:
+        have = [n for n in names() if hasattr(get(n), "adopt_state")]
         raise ConfigError(f"PBT cannot hand a checkpoint of recipe {name!r} a new config: add "
-                          f"`adopt_state(state, config)` to the recipe (or an entry in "
-                          f"bilevel.sweep.engines._jobs.ADOPT); recipes that have one: "
-                          f"{', '.join(sorted(ADOPT))}")
+                          f"`adopt_state(state, config)` to its recipe module; recipes that "
+                          f"have one: {', '.join(have)}")
     if path.exists():
         shutil.rmtree(path)  # a half-written warm start from a killed attempt
     resolved.pop("recipe")

@@ -10,7 +10,7 @@ job runner as the local engine, every ``report_every`` resource units:
   run's newest ``bilevel`` checkpoint payload and ``bilevel.json`` (resource, config);
 * given a Ray checkpoint (``Tuner.restore`` after a crash, a retried failure, or a PBT
   exploit) it starts a new run directory from that payload: unchanged for its own trial,
-  adopted to the new config for a PBT exploit (see :data:`bilevel.sweep.engines.ADOPT`).
+  adopted to the new config for a PBT exploit (by the recipe's ``adopt_state``).
 
 So ``Tuner.restore`` resumes a killed sweep, and a trial on a worker that died is retried
 from its last report (``FailureConfig(max_failures=3)``).
