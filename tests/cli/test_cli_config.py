@@ -21,7 +21,7 @@ BAD = {
     "unknown key": ("inner: {name: sgd, mommentum: 0.9}", "inner.mommentum", "did you mean 'momentum'"),
     "wrong type": ("data: {name: diabetes, batch_size: lots}", "data.batch_size", "valid integer"),
     "off is not a bool": ("inner: {name: sgd, momentum: off}", "inner.momentum", "'off'"),
-    "bad method": ("hypergrad: {method: magic}", "hypergrad.method", "'unrolled'"),
+    "bad method": ("hypergrad: {method: magic}", "hypergrad.method", "Input should be 'greedy'"),
 }
 
 

@@ -37,7 +37,7 @@ def test_mnist_lr_recipe_is_a_hypersgd_loop(tmp_path: Path) -> None:
     steps, T = 4, 5
     _, summary = start(["mnist_lr/mlp.yaml"], [
         "data.name=digits", "data.batch_size=32", "model.hidden=[32]", "val_batch=100",
-        "inner.lr=0.03", f"run.max_steps={steps}", f"hypergrad.steps={T}", "hypergrad.iters=3",
+        "inner.lr=0.03", f"run.max_steps={steps}", f"hypergrad.steps={T}", "hypergrad.terms=3",
         "logging.tensorboard=false", "logging.progress=false", "hparam.granularity=element",
     ], out=tmp_path / "run", seed=SEED)
 

@@ -9,14 +9,25 @@ import pytest
 from bilevel.errors import ConfigError
 from bilevel.run import RunConfig, Section, load_layers, validate
 from bilevel.run.config import changed_keys, config_hash
-from bilevel.run.schema import HypergradConfig, InnerOptimConfig
+from bilevel.run.methods import Backprop, HypergradConfig, Unrolled
+from bilevel.run.schema import InnerOptimConfig
 from bilevel.run.yamlio import parse_yaml
 
 
 class Cfg(Section):
     inner: InnerOptimConfig = InnerOptimConfig()
-    hypergrad: HypergradConfig = HypergradConfig()
+    hypergrad: HypergradConfig = Unrolled()
     run: RunConfig
+
+
+class BackpropOnly(Section):
+    hypergrad: Backprop = Unrolled()
+
+
+def _error(model: type[Section], path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(model, load_layers([path]))
+    return str(info.value)
 
 
 def test_scientific_floats_and_strict_booleans() -> None:
@@ -58,18 +69,34 @@ def test_errors_collected_with_key_line_value_and_allowed(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         validate(Cfg, load_layers([tmp_path / "c.yaml"]))
     msg = str(info.value)
-    assert "5 problems" in msg
+    assert "4 problems" in msg
     assert f"inner.lr = -1 ({tmp_path / 'c.yaml'}:2): Input should be greater than 0" in msg
     assert "inner.momentum = 1.5" in msg and "less than 1" in msg
     assert "hypergrad.method = 'magic'" in msg and "'greedy'" in msg
-    assert "hypergrad.stepz" in msg and "did you mean 'steps'" in msg and "allowed keys:" in msg
     assert "run (not set in any file): required key is missing" in msg
+    (tmp_path / "d.yaml").write_text("hypergrad:\n  method: unrolled\n  stepz: 3\n")
+    msg = _error(Cfg, tmp_path / "d.yaml")
+    assert f"hypergrad.stepz ({tmp_path / 'd.yaml'}:3): unknown key (did you mean 'steps'?); " \
+           "allowed keys: method, steps" in msg
+
+
+def test_a_method_the_recipe_does_not_support_is_a_key_error(tmp_path: Path) -> None:
+    # One section per method: a recipe's union names what it honours, a method's section
+    # only its own keys (issue 18), and the message names the key and line, not the union.
+    (tmp_path / "e.yaml").write_text("hypergrad:\n  method: implicit\n")
+    msg = _error(BackpropOnly, tmp_path / "e.yaml")
+    assert f"hypergrad.method = 'implicit' ({tmp_path / 'e.yaml'}:2)" in msg
+    assert "'unrolled', 'checkpointed', 'truncated'" in msg
+    (tmp_path / "f.yaml").write_text("hypergrad:\n  method: unrolled\n  solver: cg\n")
+    msg = _error(BackpropOnly, tmp_path / "f.yaml")
+    assert f"hypergrad.solver ({tmp_path / 'f.yaml'}:3): unknown key" in msg
+    assert "allowed keys: method, steps" in msg
 
 
 def test_cross_field_rule() -> None:
     with pytest.raises(ConfigError, match="truncate"):
-        validate(Cfg, load_layers([], ["run.max_steps=1", "hypergrad.steps=2",
-                                       "hypergrad.truncate=5"]))
+        validate(Cfg, load_layers([], ["run.max_steps=1", "hypergrad.method=truncated",
+                                       "hypergrad.steps=2", "hypergrad.truncate=5"]))
 
 
 def test_hash_and_changed_keys() -> None:

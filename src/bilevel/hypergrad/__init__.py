@@ -13,7 +13,8 @@ Every method takes a pure step map ``step(state, hparams, t) -> state``, an oute
 ``reversible``         exact reverse mode through T SGD-momentum steps by reversal; flat memory
 =====================  =============================================================
 
-The module kit (:mod:`bilevel.hypergrad.kit`) builds ``step`` / ``outer_loss`` from
+:func:`from_config` turns a recipe's config section (:mod:`bilevel.run.methods`) into one of
+these calls. The module kit (:mod:`bilevel.hypergrad.kit`) builds ``step`` / ``outer_loss`` from
 modules (:func:`problem`) and writes results into ``.grad`` (:func:`write_grad`). :class:`HyperSGD` is the online face: a ``torch.optim``
 optimiser that learns its own lr / weight decay / momentum by one-pass or greedy
 hypergradients while it trains.
@@ -21,6 +22,7 @@ hypergradients while it trains.
 
 from bilevel.errors import HypergradWarning
 from bilevel.hypergrad._common import HypergradResult
+from bilevel.hypergrad.configured import from_config
 from bilevel.hypergrad.forward import forward
 from bilevel.hypergrad.hypersgd import HyperSGD
 from bilevel.hypergrad.implicit import SOLVERS, implicit, one_pass
@@ -31,6 +33,6 @@ from bilevel.hypergrad.unrolled import greedy, unrolled
 
 __all__ = [
     "SOLVERS", "HyperSGD", "HypergradResult", "HypergradWarning", "MetaOptimizer", "Problem",
-    "forward", "greedy", "implicit", "load_state", "one_pass", "problem", "reversible", "unrolled",
+    "forward", "from_config", "greedy", "implicit", "load_state", "one_pass", "problem", "reversible", "unrolled",
     "write_grad",
 ]

@@ -6,6 +6,17 @@ Recipes import from here; nothing here imports a recipe.
 from bilevel.run.checkpoint import CheckpointStore, CheckpointWriteError
 from bilevel.run.config import RawConfig, changed_keys, config_hash, load_layers, validate
 from bilevel.run.lock import RunLock, RunLockedError
+from bilevel.run.methods import (
+    Backprop,
+    Checkpointed,
+    Forward,
+    Greedy,
+    HypergradConfig,
+    Implicit,
+    OnePass,
+    Truncated,
+    Unrolled,
+)
 from bilevel.run.metrics import read_metrics
 from bilevel.run.nan import all_finite, on_nonfinite
 from bilevel.run.rundir import Checkpoint, RunDir, RunInterrupted
@@ -13,7 +24,6 @@ from bilevel.run.schema import (
     CheckpointConfig,
     DataConfig,
     HParamConfig,
-    HypergradConfig,
     InnerOptimConfig,
     LoggingConfig,
     ModelConfig,
@@ -33,16 +43,22 @@ from bilevel.run.state import Accessor, RunState
 
 __all__ = [
     "Accessor",
+    "Backprop",
     "Checkpoint",
     "CheckpointConfig",
     "CheckpointStore",
     "CheckpointWriteError",
+    "Checkpointed",
     "DataConfig",
+    "Forward",
+    "Greedy",
     "HParamConfig",
     "HypergradConfig",
+    "Implicit",
     "InnerOptimConfig",
     "LoggingConfig",
     "ModelConfig",
+    "OnePass",
     "OuterOptimConfig",
     "RawConfig",
     "RunConfig",
@@ -53,6 +69,8 @@ __all__ = [
     "RunState",
     "Section",
     "SkipOrAbortRunConfig",
+    "Truncated",
+    "Unrolled",
     "all_finite",
     "capture_rng",
     "changed_keys",

@@ -87,25 +87,42 @@ def load_layers(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> R
     return raw
 
 
-def _submodel(annotation: Any) -> type[pydantic.BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``X``, ``X | None``), if any."""
+def _models(annotation: Any) -> list[type[pydantic.BaseModel]]:
+    """Every pydantic model in ``annotation`` (``X``, ``X | None``, ``A | B`` tagged)."""
     if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-        return annotation
+        return [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _submodel(arg)
-            if found is not None:
-                return found
-    return None
+        return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+    return []
 
 
-def _allowed_keys(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+def _walk(model: type[pydantic.BaseModel], loc: tuple[Any, ...]
+          ) -> tuple[tuple[Any, ...], type[pydantic.BaseModel] | None]:
+    """``loc`` as the user wrote it, and the model that holds its last key.
+
+    Pydantic puts the tag of a tagged union member into the location
+    (``hypergrad.unrolled.solver``); the user wrote ``hypergrad.solver``, so tags are dropped.
+    """
     current: type[pydantic.BaseModel] | None = model
+    members: dict[str, type[pydantic.BaseModel]] = {}
+    clean: list[Any] = []
+    parent: type[pydantic.BaseModel] | None = model
     for part in loc:
+        if part in members:  # a tag: step into that member, not into a key
+            current, members = members[part], {}
+            continue
+        clean.append(part)
+        parent = current
         if current is None or part not in current.model_fields:
-            return []
-        current = _submodel(current.model_fields[part].annotation)
-    return sorted(current.model_fields) if current is not None else []
+            current, members = None, {}
+            continue
+        field = current.model_fields[part]
+        found = _models(field.annotation)
+        disc = field.discriminator if isinstance(field.discriminator, str) else None
+        members = {typing.get_args(m.model_fields[disc].annotation)[0]: m for m in found
+                   if disc and disc in m.model_fields}
+        current = found[0] if len(found) == 1 else None
+    return tuple(clean), parent
 
 
 def _where(loc: tuple[Any, ...], sources: Sources) -> str:
@@ -117,11 +134,15 @@ def _where(loc: tuple[Any, ...], sources: Sources) -> str:
 
 
 def _describe(err: Mapping[str, Any], model: type[pydantic.BaseModel], sources: Sources) -> str:
-    loc = tuple(p for p in err["loc"])
+    loc, holder = _walk(model, tuple(err["loc"]))
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the tag key itself
+        loc = (*loc, str(err.get("ctx", {}).get("discriminator", "method")).strip("'"))
+        err = {**err, "input": err["input"].get(loc[-1]) if isinstance(err["input"], dict)
+               else err["input"]}
     key = ".".join(str(p) for p in loc) or "(top level)"
     where = _where(loc, sources)
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
+        allowed = sorted(holder.model_fields) if holder is not None else []
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         fix = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{key} ({where}): unknown key{fix}; allowed keys: {', '.join(allowed)}"

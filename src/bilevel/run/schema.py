@@ -113,25 +113,6 @@ class HParamConfig(Section):
         return self
 
 
-class HypergradConfig(Section):
-    """How the hypergradient is computed (bilevel.hypergrad method and its options)."""
-
-    method: Literal[
-        "unrolled", "truncated", "checkpointed", "forward", "implicit", "one_pass", "greedy"
-    ] = "greedy"
-    steps: int = Field(1, gt=0, description="inner steps per hyper-step")
-    truncate: int | None = Field(None, gt=0, description="steps kept by 'truncated'")
-    solver: Literal["neumann", "cg", "identity", "exact"] = "neumann"
-    iters: int = Field(5, gt=0, description="solver iterations of 'implicit'")
-    alpha: float | None = Field(None, gt=0.0, description="Neumann step size")
-
-    @model_validator(mode="after")
-    def _truncate_fits(self) -> HypergradConfig:
-        if self.truncate is not None and self.truncate > self.steps:
-            raise ValueError(f"truncate ({self.truncate}) must be at most steps ({self.steps})")
-        return self
-
-
 class LoggingConfig(Section):
     """Where and how often metrics are written."""
 

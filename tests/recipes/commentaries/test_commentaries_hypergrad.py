@@ -23,7 +23,7 @@ from bilevel.models import CBRStudent, CBRTeacher
 from bilevel.optim import adam
 from bilevel.recipes.commentaries import blending as cb
 from bilevel.recipes.commentaries import weighting as cw
-from bilevel.run import HypergradConfig
+from bilevel.run import Implicit
 
 
 def _digits_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def _blend_problem() -> tuple:
 def test_alg2_hyper_step_is_lorraines_formula_with_k1(f64: None) -> None:
     net, m, train, val, perm = _blend_problem()
     alpha = 0.3
-    cfg = HypergradConfig(method="implicit", solver="neumann", iters=1)
+    cfg = Implicit(solver="neumann", iters=1)
     got = cb.hyper_step(net, m, train, val, perm, cfg=cfg, alpha=alpha).hypergrad["M"]
     # By hand (Lorraine et al. / the seed's hyper_step): p = α(v + (I − αH)v); −(∂g_T/∂M)ᵀp.
     w = list(net.parameters())
@@ -142,7 +142,7 @@ def test_alg2_neumann_terms_approach_exact_unrolled(f64: None) -> None:
     cg = hypergrad.implicit(step, loss_v, w, hp, solver="cg", iters=500).hypergrad["M"]
     errors = []
     for k in (1, 10, 100, 1000):
-        cfg = HypergradConfig(method="implicit", solver="neumann", iters=k)
+        cfg = Implicit(solver="neumann", iters=k)
         neumann = cb.hyper_step(net, m, train, val, perm, cfg=cfg, alpha=alpha).hypergrad["M"]
         # At a fixed point, K Neumann terms = back-propagation through K + 1 steps of Φ.
         unrolled = hypergrad.unrolled(step, loss_v, w, hp, steps=k + 1).hypergrad["M"]

@@ -9,7 +9,7 @@ import torch
 from bilevel import hypergrad
 from bilevel.recipes.gtn import recipe as gtn
 from bilevel.recipes.gtn.teacher import logit, shuffled_order, softplus_inverse
-from bilevel.run import HypergradConfig, RunConfig
+from bilevel.run import RunConfig, Unrolled
 
 
 def tiny_config(curriculum: str = "learned", steps: int = 3, lr_param: str = "softplus"
@@ -20,7 +20,7 @@ def tiny_config(curriculum: str = "learned", steps: int = 3, lr_param: str = "so
         teacher=gtn.TeacherSection(curriculum=curriculum, batch_size=6, noise_dim=4, fc1_size=8,
                                    map_filters=2, map_size=3, conv1_filters=2, lr_param=lr_param),
         learner=gtn.LearnerSection(conv1_filters=2, conv2_filters=3),
-        hypergrad=HypergradConfig(method="unrolled", steps=steps),
+        hypergrad=Unrolled(steps=steps),
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from bilevel.cli import main
 from bilevel.data import Dataset, Split, fetch_dataset
-from bilevel.recipes import shipped_configs, start
+from bilevel.recipes import resolve, shipped_configs, start
 from tests.cli.conftest import run_cli
 from tests.conftest import shared_data_dir
 
@@ -161,3 +161,21 @@ def test_gpu_configs_start_on_tiny_data(tmp_path: Path, monkeypatch: pytest.Monk
     _, s = start([f"onepass/{config}.yaml", "onepass/ours_wd_lr_m.yaml"], sets, out=tmp_path / config)
     key = "test/perplexity" if config == "ptb" else "test/accuracy"
     assert math.isfinite(s[key]) and s["hyper/lr"] != pytest.approx(1e-3, rel=1e-6)
+
+
+def test_standardize_z_scores_each_feature_with_train_and_validation_statistics() -> None:
+    from bilevel.data import load_dataset
+    from bilevel.recipes.onepass.task import standardized
+
+    ds = load_dataset("digits", split_seed=0)
+    z = standardized(ds)
+    both = torch.cat([z.train.x, z.val.x]).double()
+    raw = torch.cat([ds.train.x, ds.val.x]).double()
+    varying = raw.std(0) > 0
+    torch.testing.assert_close(both.mean(0), torch.zeros_like(both[0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(both.std(0)[varying], torch.ones_like(both[0])[varying])
+    assert torch.all(both[:, ~varying] == 0)  # a constant pixel is centred, not divided by 0
+    # The test split uses the same statistics (it is not z-scored by its own).
+    mean, std = raw.mean(0), torch.where(varying, raw.std(0), torch.ones_like(raw[0]))
+    torch.testing.assert_close(z.test.x.double(), (ds.test.x.double() - mean) / std, atol=1e-5, rtol=0)
+    assert resolve(["onepass/fashion_mnist.yaml"])[1].data.standardize  # the paper's setting

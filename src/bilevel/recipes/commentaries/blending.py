@@ -42,7 +42,7 @@ from bilevel.recipes.commentaries.plots import plot_lambda
 from bilevel.recipes.commentaries.weighting import ImageDataConfig, load_images
 from bilevel.run import (
     CheckpointConfig,
-    HypergradConfig,
+    Implicit,
     InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
@@ -77,7 +77,7 @@ class Config(Section):
     model: NetConfig = NetConfig()
     inner: InnerOptimConfig = InnerOptimConfig(name="adam", lr=1e-3)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
-    hypergrad: HypergradConfig = HypergradConfig(method="implicit", solver="neumann", iters=1)
+    hypergrad: Implicit = Implicit(solver="neumann", iters=1)
     blending: BlendingConfig = BlendingConfig()
     run: RunConfig
     logging: LoggingConfig = LoggingConfig(every=100)
@@ -92,12 +92,10 @@ class Config(Section):
 
     @field_validator("hypergrad")
     @classmethod
-    def _implicit(cls, v: HypergradConfig) -> HypergradConfig:
-        if v.method != "implicit":
-            raise ValueError(f"hypergrad.method must be 'implicit' for Alg. 2, got {v.method!r}")
+    def _not_exact(cls, v: Implicit) -> Implicit:
         if v.solver == "exact":
-            raise ValueError("hypergrad.solver 'exact' builds a dense Hessian: use neumann, cg "
-                             "or identity")
+            raise ValueError("hypergrad.solver 'exact' builds a dense Hessian: use neumann, cg, "
+                             "minres or identity")
         return v
 
     @field_validator("run")
@@ -137,18 +135,15 @@ def blend_problem(net: nn.Module, m: torch.Tensor, train: tuple, val: tuple, per
 
 
 def hyper_step(net: nn.Module, m: torch.Tensor, train: tuple, val: tuple, perm: torch.Tensor, *,
-               cfg: HypergradConfig, alpha: float) -> hypergrad.HypergradResult:
+               cfg: Implicit, alpha: float) -> hypergrad.HypergradResult:
     """The implicit hypergradient ``dL_V/dM`` at the network's current weights."""
     # Commentaries Alg. 2 applies the IFT with a few Neumann terms at the current weights,
     # not at a converged fixed point, by design: the engine's convergence warnings would
     # fire on every hyper step. The term norms stay in the result's info.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HypergradWarning)
-        return hypergrad.implicit(*blend_problem(net, m, train, val, perm, alpha=alpha),
-                                  solver=cfg.solver, alpha=1.0, on_divergence="identity",
-                                  check_finite=False,
-                                  **({"terms": cfg.iters + 1} if cfg.solver == "neumann"
-                                     else {"iters": cfg.iters}))
+        return hypergrad.from_config(cfg)(*blend_problem(net, m, train, val, perm, alpha=alpha),
+                                          alpha=1.0, on_divergence="identity", check_finite=False)
 
 
 @torch.no_grad()

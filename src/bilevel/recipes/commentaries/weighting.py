@@ -35,8 +35,8 @@ from bilevel.meta import weighting
 from bilevel.models import CBRStudent, CBRTeacher
 from bilevel.optim import adam
 from bilevel.run import (
+    Backprop,
     CheckpointConfig,
-    HypergradConfig,
     InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
@@ -44,6 +44,7 @@ from bilevel.run import (
     RunDir,
     RunState,
     Section,
+    Unrolled,
     all_finite,
     on_nonfinite,
     resolve_device,
@@ -82,7 +83,7 @@ class Config(Section):
     teacher: TeacherConfig = TeacherConfig()
     inner: InnerOptimConfig = InnerOptimConfig(name="adam", lr=1e-4)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-4)
-    hypergrad: HypergradConfig = HypergradConfig(method="unrolled", steps=100)
+    hypergrad: Backprop = Unrolled(steps=100)
     curriculum: CurriculumConfig = CurriculumConfig()
     run: RunConfig
     logging: LoggingConfig = LoggingConfig()
@@ -94,16 +95,6 @@ class Config(Section):
         if v.name != "adam" or v.momentum or v.weight_decay:
             raise ValueError("Alg. 1 trains the student with plain Adam: set inner.name: adam "
                              "(no momentum, weight_decay 0)")
-        return v
-
-    @field_validator("hypergrad")
-    @classmethod
-    def _unrolled(cls, v: HypergradConfig) -> HypergradConfig:
-        if v.method not in ("unrolled", "truncated", "checkpointed"):
-            raise ValueError(f"hypergrad.method must be 'unrolled', 'truncated' or 'checkpointed' "
-                             f"(backprop through training), got {v.method!r}")
-        if v.method == "truncated" and v.truncate is None:
-            raise ValueError("hypergrad.method 'truncated' needs hypergrad.truncate: K")
         return v
 
     @field_validator("run")
@@ -194,15 +185,13 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                      student_buffers0=student_buffers0)
     start = run_dir.resume(state, save_start=True)
 
-    hg_cfg = config.hypergrad
     final: dict[str, float] = {}
     state0 = {"params": theta0, "buffers": student_buffers0, "opt": adam.init(theta0)}
     for step in run_dir.steps(start, config.run.max_steps):
         batches[:] = [(data["train"][0][i], data["train"][1][i]) for i in
                       (next(sampler) for _ in range(steps))]
-        r = hypergrad.unrolled(inner_step, meta_loss, state0, phi, steps=steps,
-                               truncate=hg_cfg.truncate if hg_cfg.method == "truncated" else None,
-                               checkpoint=hg_cfg.method == "checkpointed", check_finite=False)
+        r = hypergrad.from_config(config.hypergrad)(inner_step, meta_loss, state0, phi,
+                                                    check_finite=False)
         if not all_finite(r.hypergrad, r.outer_loss):
             on_nonfinite(run_dir, config.run.nan_policy, step=step, what="hypergradient")
         else:

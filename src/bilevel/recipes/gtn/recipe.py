@@ -50,8 +50,8 @@ from bilevel.recipes.gtn.models import GTNLearner, GTNTeacher
 from bilevel.recipes.gtn.plots import image_grid
 from bilevel.recipes.gtn.teacher import Curriculum, LrParam, Teacher
 from bilevel.run import (
+    Backprop,
     CheckpointConfig,
-    HypergradConfig,
     InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
@@ -59,6 +59,7 @@ from bilevel.run import (
     RunDir,
     RunState,
     Section,
+    Unrolled,
     all_finite,
     on_nonfinite,
     resolve_device,
@@ -120,7 +121,7 @@ class Config(Section):
     teacher: TeacherSection = TeacherSection()
     learner: LearnerSection = LearnerSection()
     inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.02, momentum=0.5)
-    hypergrad: HypergradConfig = HypergradConfig(method="unrolled", steps=10)
+    hypergrad: Backprop = Unrolled(steps=10)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
     eval: EvalSection = EvalSection()
     run: RunConfig
@@ -136,11 +137,6 @@ class Config(Section):
                             f"{self.inner.name!r}, {self.inner.momentum})")
         if self.inner.weight_decay:
             problems.append("inner.weight_decay: gtn learns no weight decay; set it to 0")
-        if self.hypergrad.method not in ("unrolled", "checkpointed", "truncated"):
-            problems.append(f"hypergrad.method: gtn differentiates through the unrolled loop; "
-                            f"use unrolled, checkpointed or truncated, not {self.hypergrad.method!r}")
-        if self.hypergrad.method == "truncated" and self.hypergrad.truncate is None:
-            problems.append("hypergrad.truncate: method 'truncated' needs truncate: K")
         size = 28 if self.teacher.architecture == "original" else self.data.image_size
         map_size = 28 if self.teacher.architecture == "original" else self.teacher.map_size
         if self.data.image_size % map_size or size != self.data.image_size:
@@ -303,7 +299,6 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     meta_sampler = IndexSampler(len(data["train"][0]), config.data.meta_batch,
                                 seed=config.run.seed, device=device)
     noise_rng = torch.Generator(device=device).manual_seed(config.run.seed + 1)
-    steps_T = config.hypergrad.steps
 
     state = RunState(teacher=teacher, outer_opt=opt, meta_sampler=meta_sampler,
                      noise_rng=noise_rng)
@@ -319,11 +314,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         inner_step = make_inner_step(learner, teacher, config, drawn)
         meta_out: dict[str, Tensor] = {}
         meta_loss = make_meta_loss(learner, x_meta, y_meta, meta_out)
-        r = hypergrad.unrolled(inner_step, meta_loss, state0, hp, steps=steps_T,
-                               checkpoint=config.hypergrad.method == "checkpointed",
-                               truncate=config.hypergrad.truncate
-                               if config.hypergrad.method == "truncated" else None,
-                               check_finite=False)
+        r = hypergrad.from_config(config.hypergrad)(inner_step, meta_loss, state0, hp,
+                                                    check_finite=False)
         grads = [r.hypergrad[k] for k in hp]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if all_finite(grads) and bool(torch.isfinite(r.outer_loss)):

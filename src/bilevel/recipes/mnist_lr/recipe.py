@@ -2,7 +2,7 @@
 
 The optimiser is :class:`bilevel.hypergrad.HyperSGD`: one hyper-step every ``hypergrad.steps``
 (T) SGD steps, the last of which is differentiated with the one-pass implicit hypergradient of
-Clarke et al. (``hypergrad.iters`` Neumann terms in total) on a validation minibatch; the
+Clarke et al. (``hypergrad.terms`` Neumann terms in total) on a validation minibatch; the
 hyper-optimiser (``outer``, Adam by default) moves ``log10 lr`` along it, clipped to
 ``[hparam.low, hparam.high]``. ``hparam.granularity``
 chooses one learning rate for the whole net (``scalar``), one per parameter tensor
@@ -26,10 +26,10 @@ from bilevel.run import (
     CheckpointConfig,
     DataConfig,
     HParamConfig,
-    HypergradConfig,
     InnerOptimConfig,
     LoggingConfig,
     ModelConfig,
+    OnePass,
     OuterOptimConfig,
     RunConfig,
     RunDir,
@@ -47,7 +47,7 @@ class Config(Section):
     inner: InnerOptimConfig = InnerOptimConfig(name="sgd", lr=0.01)
     hparam: HParamConfig = HParamConfig(name="lr", granularity="tensor", low=-6.0, high=0.0)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.05)
-    hypergrad: HypergradConfig = HypergradConfig(method="one_pass", steps=10, iters=5)
+    hypergrad: OnePass = OnePass(steps=10, terms=5)
     val_batch: int = Field(1000, gt=0, le=2**20)
     eval_every: int = Field(50, gt=0)
     run: RunConfig
@@ -62,13 +62,6 @@ class Config(Section):
                              "and hparam.transform: log10")
         return v
 
-    @field_validator("hypergrad")
-    @classmethod
-    def _one_pass(cls, v: HypergradConfig) -> HypergradConfig:
-        if v.method != "one_pass":
-            raise ValueError(f"mnist_lr uses hypergrad.method 'one_pass', got {v.method!r}")
-        return v
-
 
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Train; return final test accuracy/loss and the learned learning rates."""
@@ -79,7 +72,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     model = MLP([in_dim, *config.model.hidden, ds.info["num_classes"]], config.model.activation).to(device)
     h = config.hparam
     opt = HyperSGD(model.named_parameters(), lr=config.inner.lr, learn=("lr",),
-                   granularity=h.granularity, terms=config.hypergrad.iters,
+                   granularity=h.granularity, terms=config.hypergrad.terms,
                    hyper_every=config.hypergrad.steps, hyper_optimizer=config.outer.name,
                    hyper_lr=config.outer.lr, on_nonfinite="raise", on_divergence="identity",
                    lr_bounds=(None if h.low is None else 10.0 ** h.low,

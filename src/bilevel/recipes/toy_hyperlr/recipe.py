@@ -26,8 +26,8 @@ from bilevel.run import (
     Accessor,
     CheckpointConfig,
     DataConfig,
+    Greedy,
     HParamConfig,
-    HypergradConfig,
     InnerOptimConfig,
     LoggingConfig,
     ModelConfig,
@@ -57,7 +57,7 @@ class Config(Section):
     inner: InnerOptimConfig = InnerOptimConfig(name="sgd", lr=0.01)
     hparam: HParamConfig = HParamConfig(name="lr", transform="log10", low=-6.0, high=1.0)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.02)
-    hypergrad: HypergradConfig = HypergradConfig(method="greedy")
+    hypergrad: Greedy = Greedy()
     run: RunConfig
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -82,13 +82,6 @@ class Config(Section):
         if (v.name, v.transform, v.granularity) != ("lr", "log10", "scalar"):
             raise ValueError("toy_hyperlr learns one scalar lr in log10 space: set "
                              "hparam.name: lr, transform: log10, granularity: scalar")
-        return v
-
-    @field_validator("hypergrad")
-    @classmethod
-    def _greedy(cls, v: HypergradConfig) -> HypergradConfig:
-        if v.method != "greedy":
-            raise ValueError(f"toy_hyperlr supports hypergrad.method 'greedy', got {v.method!r}")
         return v
 
 
@@ -167,8 +160,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 if i < config.hypergrad.steps - 1:
                     new = prob.step(state_of(params), hp, step)["params"]
                     params = {k: v.detach() for k, v in new.items()}
-            r = hypergrad.greedy(prob.step, prob.outer_loss, state_of(params), {"log_lr": log_lr},
-                                 start=step, check_finite=False)
+            r = hypergrad.from_config(config.hypergrad)(
+                prob.step, prob.outer_loss, state_of(params), {"log_lr": log_lr}, start=step,
+                check_finite=False)
             hg = r.hypergrad["log_lr"]
             if triggered("nan_hypergrad"):
                 hg = hg * math.nan
