@@ -18,9 +18,9 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 
 BAD = {
     "negative lr": ("inner: {name: sgd, lr: -0.1}", "inner.lr", "greater than 0"),
-    "unknown key": ("inner: {name: sgd, mommentum: 0.9}", "inner.mommentum", "did you mean 'momentum'"),
+    "unknown key": ("outer: {name: adam, grad_clipp: 1.0}", "outer.grad_clipp", "did you mean 'grad_clip'"),
     "wrong type": ("data: {name: diabetes, batch_size: lots}", "data.batch_size", "valid integer"),
-    "off is not a bool": ("inner: {name: sgd, momentum: off}", "inner.momentum", "'off'"),
+    "off is not a bool": ("outer: {name: adam, lr: off}", "outer.lr", "'off'"),
     "bad method": ("hypergrad: {method: magic}", "hypergrad.method", "Input should be 'greedy'"),
 }
 

@@ -21,11 +21,13 @@ from bilevel.run.metrics import read_metrics
 from bilevel.run.nan import all_finite, on_nonfinite
 from bilevel.run.rundir import Checkpoint, RunDir, RunInterrupted
 from bilevel.run.schema import (
+    AbortRunConfig,
     CheckpointConfig,
     DataConfig,
     HParamConfig,
     InnerOptimConfig,
     LoggingConfig,
+    MLPConfig,
     ModelConfig,
     OuterOptimConfig,
     RunConfig,
@@ -42,6 +44,7 @@ from bilevel.run.seeding import (
 from bilevel.run.state import Accessor, RunState
 
 __all__ = [
+    "AbortRunConfig",
     "Accessor",
     "Backprop",
     "Checkpoint",
@@ -57,6 +60,7 @@ __all__ = [
     "Implicit",
     "InnerOptimConfig",
     "LoggingConfig",
+    "MLPConfig",
     "ModelConfig",
     "OnePass",
     "OuterOptimConfig",

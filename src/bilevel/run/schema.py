@@ -72,6 +72,14 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class MLPConfig(Section):
+    """An MLP (:class:`bilevel.models.MLP`), for recipes that build nothing else."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[Width] = Field(default_factory=list, max_length=64)
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+
+
 class InnerOptimConfig(Section):
     """The update rule of the inner problem (initial values of learned hyperparameters)."""
 
@@ -163,6 +171,13 @@ class SkipOrAbortRunConfig(RunConfig):
     ``skip`` (drop the update) or ``abort``."""
 
     nan_policy: Literal["skip", "abort"] = "abort"
+
+
+class AbortRunConfig(RunConfig):
+    """:class:`RunConfig` for recipes that stop on a non-finite value (exit 1): ``nan_policy``
+    is ``abort`` only, so ``skip`` is an error rather than a setting silently ignored."""
+
+    nan_policy: Literal["abort"] = "abort"
 
 
 # Keys that may change between a run and its resume (they do not change the trajectory).

@@ -21,7 +21,7 @@ method: {method}
 data: {{name: digits, batch_size: 16}}
 tasks: {{labels_per_class: 6, auxiliary: [parity, rotation, noise], val_size: 100}}
 model: {{name: mlp, hidden: [32]}}
-inner: {{name: momentum, lr: 0.05, momentum: 0.9}}
+inner: {{lr: 0.05, momentum: 0.9}}
 meta: {{aux_per_class: 2, every: 2, batch_size: 16, lr: 0.05, hpo_lr: 0.05,
         combiner_hidden: [4]}}
 eval_every: 10

@@ -125,7 +125,7 @@ def test_learned_labels_beat_the_frozen_twin(tmp_path: Path) -> None:
     that ascends the hypergradient ends 0.009-0.043 and 0.006-0.048 *higher*. Longer runs
     or larger meta steps are not robust: from about 60 steps the ascending arm also beats
     the twin on some seeds."""
-    sets = ["data.batch_size=50", "meta.batch_size=50", "meta.every=1", "inner.name=sgd",
+    sets = ["data.batch_size=50", "meta.batch_size=50", "meta.every=1", "inner.momentum=0",
             "inner.lr=0.1", "meta.lr=1.0", "meta.momentum=0", "meta.weight_decay=0",
             "run.max_steps=30", "eval_every=30", "checkpoint.every=30"]
     gaps = []
@@ -147,3 +147,24 @@ def test_aux_set_must_leave_training_images(tmp_path: Path) -> None:
     cfg.write_text(TINY.replace("LEARN", "true").replace("aux_per_class: 3", "aux_per_class: 8"))
     with pytest.raises(ConfigError, match="aux_per_class"):
         _registry.resolve([cfg])
+
+
+@pytest.mark.parametrize("policy", ["skip", "abort"])
+def test_nan_policy(policy: str, tmp_path: Path) -> None:
+    """A diverging run (inner lr 1e30) skips its non-finite updates, logging each, or stops
+    with NonFiniteError; rollback (nothing to roll back to) is a config error."""
+    from bilevel.errors import NonFiniteError
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("LEARN", "true"))
+    sets = ["inner.lr=1e30", f"run.nan_policy={policy}"]
+    if policy == "abort":
+        with pytest.raises(NonFiniteError, match=r"run\.nan_policy=abort"):
+            _registry.start([cfg], sets, out=tmp_path / "run")
+        return
+    _registry.start([cfg], sets, out=tmp_path / "run")
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"nonfinite"' in x]
+    assert events and all(e["action"] == "skip" for e in events)
+    with pytest.raises(ConfigError, match=r"run.nan_policy"):
+        _registry.resolve([cfg], ["run.nan_policy=rollback"])

@@ -141,7 +141,7 @@ def test_shuffle_test_without_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("line", "key"), [
-    ("inner: {name: sgd, lr: 0.02}", "inner.name: momentum"),
+    ("inner: {name: sgd, lr: 0.02}", "Input should be 'momentum'"),
     ("hypergrad: {method: implicit, steps: 3}", "hypergrad.method"),
     ("teacher: {map_size: 5}", "teacher.map_size"),
     ("teacher: {curriculum: shuffled}", "teacher.curriculum"),

@@ -40,16 +40,16 @@ from torch.nn import functional as F
 
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.hypergrad import MetaOptimizer
+from bilevel.recipes.auxilearn.tasks import InnerSection, NetSection
 from bilevel.run import (
     CheckpointConfig,
     DataConfig,
-    InnerOptimConfig,
     LoggingConfig,
-    ModelConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
+    SkipOrAbortRunConfig,
+    on_nonfinite,
     resolve_device,
 )
 
@@ -86,13 +86,12 @@ class Config(Section):
     data: DataConfig = DataConfig(name="fashion_mnist", batch_size=32)
     labels_per_class: int = Field(20, gt=1, description="labelled images per class in the pool")
     val_size: int = Field(1000, gt=0, description="validation images (model selection, report)")
-    model: ModelConfig = ModelConfig(name="mlp", hidden=[256, 128])
-    inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.05, momentum=0.9,
-                                               weight_decay=5e-4)
+    model: NetSection = NetSection(hidden=[256, 128])
+    inner: InnerSection = InnerSection(lr=0.05, momentum=0.9, weight_decay=5e-4)
     labels: LabelsConfig = LabelsConfig()
     meta: MetaConfig = MetaConfig()
     eval_every: int = Field(100, gt=0)
-    run: RunConfig
+    run: SkipOrAbortRunConfig  # nothing to roll back to
     logging: LoggingConfig = LoggingConfig(every=50)
     checkpoint: CheckpointConfig = CheckpointConfig(every=500)
 
@@ -195,7 +194,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     gen = LabelGenerator(in_dim, lc.hidden, num_classes, lc.sub_classes).to(device)
     inner = config.inner
     opt = torch.optim.SGD(net.parameters(), lr=inner.lr, weight_decay=inner.weight_decay,
-                          momentum=inner.momentum if inner.name != "sgd" else 0.0)
+                          momentum=inner.momentum)
     meta_inner = (torch.optim.SGD(gen.parameters(), lr=m.lr, momentum=m.momentum,
                                   weight_decay=m.weight_decay) if m.optimizer == "sgd" else
                   torch.optim.Adam(gen.parameters(), lr=m.lr, weight_decay=m.weight_decay))
@@ -221,8 +220,11 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         net.train()
         loss, l_main, l_aux = train_loss(next(sampler))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if torch.isfinite(loss):
+            loss.backward()
+            opt.step()
+        else:  # skip (or abort): a non-finite loss would poison the weights
+            on_nonfinite(run_dir, config.run.nan_policy, step=step, what="training loss")
         record: dict[str, float] = {}
         if step % m.every == 0:
             # the twin draws the same batch so both arms see identical data streams
@@ -231,9 +233,14 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             val_loss = F.cross_entropy(net(x_a)[0], y_a)
             record["meta/aux_loss"] = float(val_loss.detach())  # the meta objective, both arms
             if lc.learn:
-                meta_opt.step(train_loss=train_loss(idx)[0], val_loss=val_loss,
-                              parameters=list(net.parameters()), aux_params=list(gen.parameters()))
-                record["meta/grad_norm"] = meta_opt.last_info["grad_norm"]
+                meta_loss = train_loss(idx)[0]
+                if torch.isfinite(val_loss) and torch.isfinite(meta_loss):
+                    meta_opt.step(train_loss=meta_loss, val_loss=val_loss,
+                                  parameters=list(net.parameters()),
+                                  aux_params=list(gen.parameters()))
+                    record["meta/grad_norm"] = meta_opt.last_info["grad_norm"]
+                else:
+                    on_nonfinite(run_dir, config.run.nan_policy, step=step, what="meta-step loss")
         if step % config.eval_every == 0 or step == config.run.max_steps:
             val_loss_, val_acc = evaluate(net, *data["val"])
             test_acc = evaluate(net, *data["test"])[1]

@@ -45,7 +45,9 @@ from bilevel.meta.auxiliary import LinearCombiner, NonlinearCombiner, task_weigh
 from bilevel.recipes.auxilearn.tasks import (
     SIDE,
     TASKS,
+    InnerSection,
     MultiTaskNet,
+    NetSection,
     accuracy,
     per_task_losses,
     splits,
@@ -53,9 +55,7 @@ from bilevel.recipes.auxilearn.tasks import (
 from bilevel.run import (
     CheckpointConfig,
     DataConfig,
-    InnerOptimConfig,
     LoggingConfig,
-    ModelConfig,
     RunDir,
     RunState,
     Section,
@@ -108,9 +108,8 @@ class Config(Section):
     method: Literal["stl", "equal", "fixed", "linear", "nonlinear"] = "linear"
     data: DataConfig = DataConfig(name="mnist", batch_size=32)
     tasks: TasksConfig = TasksConfig()
-    model: ModelConfig = ModelConfig(name="mlp", hidden=[256, 128])
-    inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.05, momentum=0.9,
-                                               weight_decay=5e-4)
+    model: NetSection = NetSection(hidden=[256, 128])
+    inner: InnerSection = InnerSection(lr=0.05, momentum=0.9, weight_decay=5e-4)
     meta: MetaConfig = MetaConfig()
     eval_every: int = Field(100, gt=0, description="evaluate val/test accuracy every N steps")
     run: SkipOrAbortRunConfig
@@ -150,7 +149,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                          {"main": 10, **{t: TASKS[t] for t in tasks}}).to(device)
     inner = config.inner
     opt = torch.optim.SGD(model.parameters(), lr=inner.lr, weight_decay=inner.weight_decay,
-                          momentum=inner.momentum if inner.name != "sgd" else 0.0)
+                          momentum=inner.momentum)
     sampler = IndexSampler(len(y_tr), config.data.batch_size, seed=config.run.seed)
     samplers = {"sampler": sampler}  # every sampler, by its checkpoint key
     x_un = data.get("unlabelled")

@@ -15,17 +15,36 @@ The rotation and flip of example ``b`` at step ``t`` are ``(idx_b + t) % 4`` and
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bilevel.data import load_dataset
+from bilevel.run import Section
+from bilevel.run.schema import Width
 
 TASKS = {"parity": 2, "gt4": 2, "rotation": 4, "flip": 4, "noise": 10}  # task -> classes
 SELF_SUPERVISED = ("rotation", "flip")
 SIDE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
+
+
+class InnerSection(Section):
+    """``torch.optim.SGD`` on the network (``momentum`` 0: plain SGD). The recipes' default is
+    the authors' (lr 0.05, momentum 0.9, weight decay 5e-4)."""
+
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class NetSection(Section):
+    """The MLP trunk (ReLU, as the authors'); the heads follow from the tasks."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[Width] = Field(default_factory=list, max_length=64)
 
 
 class _Cfg(Protocol):  # the parts of auxilearn.Config read here

@@ -43,7 +43,6 @@ from bilevel.recipes.commentaries.weighting import ImageDataConfig, load_images
 from bilevel.run import (
     CheckpointConfig,
     Implicit,
-    InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
     RunConfig,
@@ -54,6 +53,7 @@ from bilevel.run import (
     on_nonfinite,
     resolve_device,
 )
+from bilevel.run.schema import Beta
 
 
 class NetConfig(Section):
@@ -70,25 +70,26 @@ class BlendingConfig(Section):
     heatmap_every: int = Field(100, gt=0, description="iterations between heat-map PNGs")
 
 
+class InnerSection(Section):
+    """The network's optimiser: Adam, as in the seed."""
+
+    name: Literal["adam"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+
+
 class Config(Section):
     """Alg. 2's config (defaults: the seed's MNIST settings; epochs = run.max_steps iterations)."""
 
     data: ImageDataConfig = ImageDataConfig(batch_size=128, val_size=None, test_size=2000)
     model: NetConfig = NetConfig()
-    inner: InnerOptimConfig = InnerOptimConfig(name="adam", lr=1e-3)
+    inner: InnerSection = InnerSection()
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
     hypergrad: Implicit = Implicit(solver="neumann", iters=1)
     blending: BlendingConfig = BlendingConfig()
     run: RunConfig
     logging: LoggingConfig = LoggingConfig(every=100)
     checkpoint: CheckpointConfig = CheckpointConfig(every=200)
-
-    @field_validator("inner")
-    @classmethod
-    def _adam(cls, v: InnerOptimConfig) -> InnerOptimConfig:
-        if v.name != "adam":
-            raise ValueError(f"inner.name must be 'adam' (the seed's optimiser), got {v.name!r}")
-        return v
 
     @field_validator("hypergrad")
     @classmethod

@@ -52,7 +52,6 @@ from bilevel.recipes.gtn.teacher import Curriculum, LrParam, Teacher
 from bilevel.run import (
     Backprop,
     CheckpointConfig,
-    InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
     RunConfig,
@@ -114,13 +113,22 @@ class EvalSection(Section):
     images_every: int = Field(0, ge=0, description="image grid every N steps (0: end only)")
 
 
+class InnerSection(Section):
+    """The learner's SGD with momentum: the start of the learned lr and momentum (the seed's
+    0.02 and 0.5); no weight decay, as in GoodAI/GTN."""
+
+    name: Literal["momentum"] = "momentum"
+    lr: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.5, gt=0.0, lt=1.0)
+
+
 class Config(Section):
     """gtn's config. ``hypergrad.steps`` is the inner loop length T."""
 
     data: DataSection = DataSection()
     teacher: TeacherSection = TeacherSection()
     learner: LearnerSection = LearnerSection()
-    inner: InnerOptimConfig = InnerOptimConfig(name="momentum", lr=0.02, momentum=0.5)
+    inner: InnerSection = InnerSection()
     hypergrad: Backprop = Unrolled(steps=10)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
     eval: EvalSection = EvalSection()
@@ -131,12 +139,6 @@ class Config(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         problems = []
-        if self.inner.name != "momentum" or not 0 < self.inner.momentum < 1:
-            problems.append("inner: the learner uses SGD with a learned momentum: set "
-                            f"inner.name: momentum and 0 < inner.momentum < 1 (got "
-                            f"{self.inner.name!r}, {self.inner.momentum})")
-        if self.inner.weight_decay:
-            problems.append("inner.weight_decay: gtn learns no weight decay; set it to 0")
         size = 28 if self.teacher.architecture == "original" else self.data.image_size
         map_size = 28 if self.teacher.architecture == "original" else self.teacher.map_size
         if self.data.image_size % map_size or size != self.data.image_size:

@@ -16,6 +16,8 @@ Run it::
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, field_validator
 
@@ -23,15 +25,14 @@ from bilevel.data import IndexSampler, load_dataset
 from bilevel.hypergrad import HyperSGD
 from bilevel.models import MLP
 from bilevel.run import (
+    AbortRunConfig,
     CheckpointConfig,
     DataConfig,
     HParamConfig,
-    InnerOptimConfig,
     LoggingConfig,
-    ModelConfig,
+    MLPConfig,
     OnePass,
     OuterOptimConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
@@ -39,18 +40,27 @@ from bilevel.run import (
 )
 
 
+class InnerSection(Section):
+    """The SGD that trains the MLP (HyperSGD's rule); the learning rates are learned."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0.0, description="initial learning rate")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
 class Config(Section):
     """Data, MLP, inner SGD, the learned log10 learning rates, and the outer Adam."""
 
     data: DataConfig = DataConfig(name="mnist", batch_size=100)
-    model: ModelConfig = ModelConfig(name="mlp", hidden=[100])
-    inner: InnerOptimConfig = InnerOptimConfig(name="sgd", lr=0.01)
+    model: MLPConfig = MLPConfig(hidden=[100])
+    inner: InnerSection = InnerSection()
     hparam: HParamConfig = HParamConfig(name="lr", granularity="tensor", low=-6.0, high=0.0)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.05)
     hypergrad: OnePass = OnePass(steps=10, terms=5)
     val_batch: int = Field(1000, gt=0, le=2**20)
     eval_every: int = Field(50, gt=0)
-    run: RunConfig
+    run: AbortRunConfig  # HyperSGD raises on a non-finite hypergradient: exit 1
     logging: LoggingConfig = LoggingConfig(every=10)
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -71,7 +81,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     in_dim = int(torch.tensor(ds.info["input_shape"]).prod())
     model = MLP([in_dim, *config.model.hidden, ds.info["num_classes"]], config.model.activation).to(device)
     h = config.hparam
-    opt = HyperSGD(model.named_parameters(), lr=config.inner.lr, learn=("lr",),
+    opt = HyperSGD(model.named_parameters(), lr=config.inner.lr, momentum=config.inner.momentum,
+                   weight_decay=config.inner.weight_decay, learn=("lr",), grad_clip=config.outer.grad_clip,
                    granularity=h.granularity, terms=config.hypergrad.terms,
                    hyper_every=config.hypergrad.steps, hyper_optimizer=config.outer.name,
                    hyper_lr=config.outer.lr, on_nonfinite="raise", on_divergence="identity",

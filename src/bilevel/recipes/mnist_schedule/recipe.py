@@ -38,11 +38,11 @@ from bilevel.functional import call
 from bilevel.models import MLP
 from bilevel.recipes.mnist_schedule.plot import plot_schedule
 from bilevel.run import (
+    AbortRunConfig,
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
-    ModelConfig,
-    RunConfig,
+    MLPConfig,
     RunDir,
     RunState,
     Section,
@@ -84,12 +84,12 @@ class Config(Section):
     """Data, MLP, schedule, outer Adam, baselines, validation subset."""
 
     data: DataConfig = DataConfig(name="mnist", batch_size=100)
-    model: ModelConfig = ModelConfig(name="mlp", hidden=[50])
+    model: MLPConfig = MLPConfig(hidden=[50])
     schedule: ScheduleConfig = ScheduleConfig()
     outer: OuterConfig = OuterConfig()
     baselines: BaselineConfig = BaselineConfig()
     val_size: int = Field(5000, gt=0, description="validation rows of the outer loss")
-    run: RunConfig
+    run: AbortRunConfig  # hypergrad.reversible raises on a non-finite value: exit 1
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every=5)
 

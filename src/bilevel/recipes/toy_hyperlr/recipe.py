@@ -15,20 +15,17 @@ Run it::
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from bilevel import hypergrad
 from bilevel.run import (
     Accessor,
     CheckpointConfig,
-    DataConfig,
     Greedy,
-    HParamConfig,
-    InnerOptimConfig,
     LoggingConfig,
     ModelConfig,
     OuterOptimConfig,
@@ -42,6 +39,7 @@ from bilevel.run import (
 )
 from bilevel.run.faults import kill_point, triggered
 from bilevel.run.nan import ROLLBACK_FACTOR
+from bilevel.run.schema import MAX_BATCH, MAX_SEED
 
 try:
     from bilevel.data import IndexSampler
@@ -49,25 +47,49 @@ except ImportError:  # bilevel.data does not re-export it (yet)
     from bilevel.data._sampler import IndexSampler
 
 
+class DataSection(Section):
+    """scikit-learn's bundled diabetes data (no download), split 250/96/96 by ``split_seed``."""
+
+    name: Literal["diabetes"] = "diabetes"
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH)
+
+
+class InnerSection(Section):
+    """Plain SGD on the regressor; ``lr`` is the learned value's start."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+
+
+class HParamSection(Section):
+    """The one learned value: a scalar log10 learning rate, clipped to ``[low, high]``."""
+
+    name: Literal["lr"] = "lr"
+    granularity: Literal["scalar"] = "scalar"
+    transform: Literal["log10"] = "log10"
+    low: float = -6.0
+    high: float = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HParamSection:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
 class Config(Section):
     """toy_hyperlr's config: data, model, inner SGD, learned log10-lr, outer optimiser."""
 
-    data: DataConfig = DataConfig(name="diabetes", batch_size=32)
+    data: DataSection = DataSection()
     model: ModelConfig = ModelConfig(name="linear")
-    inner: InnerOptimConfig = InnerOptimConfig(name="sgd", lr=0.01)
-    hparam: HParamConfig = HParamConfig(name="lr", transform="log10", low=-6.0, high=1.0)
+    inner: InnerSection = InnerSection()
+    hparam: HParamSection = HParamSection()
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.02)
     hypergrad: Greedy = Greedy()
     run: RunConfig
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-
-    @field_validator("data")
-    @classmethod
-    def _diabetes(cls, v: DataConfig) -> DataConfig:
-        if v.name != "diabetes":
-            raise ValueError(f"toy_hyperlr only knows data.name 'diabetes', got {v.name!r}")
-        return v
 
     @field_validator("model")
     @classmethod
@@ -76,16 +98,8 @@ class Config(Section):
             raise ValueError(f"model.name must be 'linear' or 'mlp', got {v.name!r}")
         return v
 
-    @field_validator("hparam")
-    @classmethod
-    def _log_lr(cls, v: HParamConfig) -> HParamConfig:
-        if (v.name, v.transform, v.granularity) != ("lr", "log10", "scalar"):
-            raise ValueError("toy_hyperlr learns one scalar lr in log10 space: set "
-                             "hparam.name: lr, transform: log10, granularity: scalar")
-        return v
 
-
-def _splits(cfg: DataConfig, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+def _splits(cfg: DataSection, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
     from sklearn.datasets import load_diabetes  # optional dependency, imported when used
 
     x_np, y_np = load_diabetes(return_X_y=True)
@@ -174,7 +188,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
                 break
             if finite:  # skip: neither the weights nor the lr move this step
                 params = r.state["params"]
-                hypergrad.write_grad({"log_lr": hg}, {"log_lr": log_lr})
+                hypergrad.write_grad({"log_lr": hg}, {"log_lr": log_lr},
+                                     max_norm=config.outer.grad_clip)
                 opt.step()
                 with torch.no_grad():
                     log_lr.clamp_(config.hparam.low, config.hparam.high)
