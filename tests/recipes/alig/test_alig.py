@@ -192,7 +192,7 @@ ERRORS = {
     "optim.lr=0.1": ("optim.lr does not apply to optim.name='alig'", "optim.max_lr"),
     "optim.weight_decay=1e-4": ("optim.weight_decay does not apply", "sgd/adam"),
     "optim.nesterov=true": ("optim.nesterov does not apply", "sgd"),
-    "run.nan_policy=rollback": ("run.nan_policy: rollback", "skip"),
+    "run.nan_policy=rollback": ("run.nan_policy = 'rollback'", "'skip' or 'abort'"),
     "data.name=uci_energy": ("trains classifiers", "mnist"),
     "model.dropout=0.5": ("model.dropout", "set it to 0"),
 }

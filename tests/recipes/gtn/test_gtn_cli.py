@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.recipes._registry import resolve, start
 from tests.cli.conftest import metrics_without_wall, run_cli
 
@@ -156,5 +156,19 @@ def test_bad_config_names_the_key(tmp_path: Path, line: str, key: str) -> None:
 def test_rollback_policy_is_refused_with_the_fix(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("recipe: gtn\nrun: {max_steps: 2, nan_policy: rollback}\n")
-    with pytest.raises(ConfigError, match=r"run\.nan_policy.*skip or abort"):
+    with pytest.raises(ConfigError, match=r"run\.nan_policy.*'skip' or 'abort'"):
         resolve([cfg])
+
+
+@pytest.mark.parametrize("policy", ["skip", "abort"])
+def test_nan_policy(tmp_path: Path, policy: str) -> None:
+    # A learner lr of 1e30 makes every meta-loss non-finite: skip logs each outer step and
+    # leaves the teacher as it was; abort stops with exit 1 naming the policy.
+    sets = ["inner.lr=1e30", f"run.nan_policy={policy}", "run.max_steps=2"]
+    if policy == "abort":
+        with pytest.raises(NonFiniteError, match=r"run\.nan_policy=abort"):
+            start([tiny(tmp_path)], sets, out=tmp_path / "run")
+        return
+    start([tiny(tmp_path)], sets, out=tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in records if r.get("event") == "nonfinite"] == ["skip", "skip"]

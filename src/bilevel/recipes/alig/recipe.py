@@ -49,10 +49,10 @@ from bilevel.run import (
     DataConfig,
     LoggingConfig,
     ModelConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
+    SkipOrAbortRunConfig,
     on_nonfinite,
     resolve_device,
 )
@@ -134,7 +134,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig(name="mlp", hidden=[256])
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
-    run: RunConfig
+    run: SkipOrAbortRunConfig  # nothing to roll back to: skip or abort
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -163,14 +163,6 @@ class Config(Section):
         if v.name != "mlp" and v.hidden:
             raise ValueError(f"model.hidden sets MLP widths; the {v.name} has none (the dnc's "
                              f"sizes are AliG's: 64 LSTM units, 16x16 memory, 4 read heads)")
-        return v
-
-    @field_validator("run")
-    @classmethod
-    def _policy(cls, v: RunConfig) -> RunConfig:
-        if v.nan_policy == "rollback":
-            raise ValueError("run.nan_policy: rollback has nothing to roll back in the alig "
-                             "recipe; use skip (stop at divergence) or abort")
         return v
 
 

@@ -45,10 +45,10 @@ from bilevel.run import (
     Implicit,
     LoggingConfig,
     OuterOptimConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
+    SkipOrAbortRunConfig,
     all_finite,
     on_nonfinite,
     resolve_device,
@@ -87,7 +87,7 @@ class Config(Section):
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
     hypergrad: Implicit = Implicit(solver="neumann", iters=1)
     blending: BlendingConfig = BlendingConfig()
-    run: RunConfig
+    run: SkipOrAbortRunConfig  # nothing to roll back to: skip or abort
     logging: LoggingConfig = LoggingConfig(every=100)
     checkpoint: CheckpointConfig = CheckpointConfig(every=200)
 
@@ -97,13 +97,6 @@ class Config(Section):
         if v.solver == "exact":
             raise ValueError("hypergrad.solver 'exact' builds a dense Hessian: use neumann, cg, "
                              "minres or identity")
-        return v
-
-    @field_validator("run")
-    @classmethod
-    def _policy(cls, v: RunConfig) -> RunConfig:
-        if v.nan_policy == "rollback":
-            raise ValueError("run.nan_policy: use 'skip' or 'abort' for commentaries_blending")
         return v
 
 

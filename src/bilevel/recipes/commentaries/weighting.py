@@ -40,10 +40,10 @@ from bilevel.run import (
     InnerOptimConfig,
     LoggingConfig,
     OuterOptimConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
+    SkipOrAbortRunConfig,
     Unrolled,
     all_finite,
     on_nonfinite,
@@ -85,7 +85,7 @@ class Config(Section):
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-4)
     hypergrad: Backprop = Unrolled(steps=100)
     curriculum: CurriculumConfig = CurriculumConfig()
-    run: RunConfig
+    run: SkipOrAbortRunConfig  # nothing to roll back to: skip or abort
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every=10)
 
@@ -95,14 +95,6 @@ class Config(Section):
         if v.name != "adam" or v.momentum or v.weight_decay:
             raise ValueError("Alg. 1 trains the student with plain Adam: set inner.name: adam "
                              "(no momentum, weight_decay 0)")
-        return v
-
-    @field_validator("run")
-    @classmethod
-    def _policy(cls, v: RunConfig) -> RunConfig:
-        if v.nan_policy == "rollback":
-            raise ValueError("run.nan_policy: use 'skip' or 'abort' (each outer step restarts "
-                             "the student from θ0, so there is nothing to roll back)")
         return v
 
 

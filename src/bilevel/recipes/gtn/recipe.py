@@ -54,10 +54,10 @@ from bilevel.run import (
     CheckpointConfig,
     LoggingConfig,
     OuterOptimConfig,
-    RunConfig,
     RunDir,
     RunState,
     Section,
+    SkipOrAbortRunConfig,
     Unrolled,
     all_finite,
     on_nonfinite,
@@ -132,7 +132,7 @@ class Config(Section):
     hypergrad: Backprop = Unrolled(steps=10)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=1e-2)
     eval: EvalSection = EvalSection()
-    run: RunConfig
+    run: SkipOrAbortRunConfig  # each outer step restarts the learner: skip or abort
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -152,9 +152,6 @@ class Config(Section):
                                 f"{self.teacher.momentum_range}: need 0 <= low < high (momentum "
                                 f"high <= 1) containing inner.lr {self.inner.lr} and "
                                 f"inner.momentum {self.inner.momentum}")
-        if self.run.nan_policy == "rollback":
-            problems.append("run.nan_policy: gtn supports skip or abort, not rollback (each "
-                            "outer step starts a fresh learner, so skip loses nothing)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
