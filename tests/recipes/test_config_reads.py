@@ -40,10 +40,9 @@ CONDITIONAL: dict[str, set[str]] = {
     "toy_hyperlr": {NAN},
     "commentaries_weighting": {NAN},
     "commentaries_blending": {NAN},
-    "skeleton": {NAN},
     "alig": {NAN},  # tests/recipes/alig/test_alig.py::test_divergence_stops_or_aborts_by_nan_policy
     "gtn": {NAN},  # tests/recipes/gtn/test_gtn_cli.py::test_nan_policy
-    "auxilearn_labels": {NAN},  # tests/recipes/auxilearn/test_auxilearn_labels.py::test_nan_policy  # tests/recipes/skeleton/test_skeleton.py::test_nan_policy
+    "auxilearn_labels": {NAN},  # tests/recipes/auxilearn/test_auxilearn_labels.py::test_nan_policy
 }
 
 IGNORED: dict[str, set[str]] = {}

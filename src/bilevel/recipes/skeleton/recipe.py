@@ -92,7 +92,7 @@ def _mse(w: torch.Tensor, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor
 
 def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     """Learn ρ; return the final val/test loss of a model trained with the learned penalty."""
-    device = resolve_device(config.run.device)
+    device, policy = resolve_device(config.run.device), config.run.nan_policy
     data = _data(config.data, config.run.seed, device)
     rho = torch.tensor(config.inner.log10_penalty, device=device, requires_grad=True)
     opt = torch.optim.Adam([rho], lr=config.outer.lr)
@@ -119,7 +119,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
             with torch.no_grad():  # λ ≤ 1 keeps the inner step stable (2λη < 2 at η ≤ 0.5)
                 rho.clamp_(-10.0, 0.0)
         else:  # skip: ρ does not move this step; abort: NonFiniteError, exit 1
-            on_nonfinite(run_dir, config.run.nan_policy, step=outer_step, what="hypergradient")
+            on_nonfinite(run_dir, policy, step=outer_step, what="hypergradient")
         if outer_step % config.logging.every == 0 or outer_step == config.run.max_steps:
             run_dir.log(outer_step, {"val/loss": r.outer_loss.item(), "hyper/log10_penalty": rho.item()})
         run_dir.checkpoint(outer_step, state, force=outer_step == config.run.max_steps)
