@@ -20,6 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bilevel.errors import ConfigError
+
 # One entry per module in bilevel/commands/ (the commands every recipe shares). Keep sorted.
 COMMAND_MODULES: tuple[str, ...] = ("configs", "data", "report", "run", "sweep")
 
@@ -61,7 +63,11 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ConfigError as exc:  # a recipe folder or plug-in that cannot be loaded: name it
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -137,3 +137,15 @@ def test_nan_policy(policy: str, tmp_path: Path) -> None:
         assert res.code == 1 and "non-finite hypergradient at step 2" in res.err, res
     else:
         assert res.code == 0, res
+
+
+def test_the_cli_names_a_broken_folder_without_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    twin = _copy_as("twin2", tmp_path)
+    init = twin / "__init__.py"
+    init.write_text(init.read_text().replace('{"twin2":', '{"skeleton":'))
+    monkeypatch.setattr(recipes, "__path__", [*recipes.__path__, str(tmp_path)])
+    assert main(["configs"]) == 2
+    assert "'skeleton' is declared by both" in capsys.readouterr().err
+    sys.modules.pop("bilevel.recipes.twin2", None)
