@@ -9,13 +9,13 @@ import torch
 from bilevel import hypergrad
 from bilevel.recipes.gtn import recipe as gtn
 from bilevel.recipes.gtn.teacher import logit, shuffled_order, softplus_inverse
-from bilevel.run import RunConfig, Unrolled
+from bilevel.run import SkipOrAbortRunConfig, Unrolled
 
 
 def tiny_config(curriculum: str = "learned", steps: int = 3, lr_param: str = "softplus"
                 ) -> gtn.Config:
     return gtn.Config(
-        run=RunConfig(max_steps=1),
+        run=SkipOrAbortRunConfig(max_steps=1),
         data=gtn.DataSection(name="digits", image_size=12, meta_batch=20),
         teacher=gtn.TeacherSection(curriculum=curriculum, batch_size=6, noise_dim=4, fc1_size=8,
                                    map_filters=2, map_size=3, conv1_filters=2, lr_param=lr_param),
@@ -179,5 +179,5 @@ def test_shuffled_training_shows_step_order_t_at_inner_step_t() -> None:
 
 def test_capped_range_must_hold_the_initial_values() -> None:
     with pytest.raises(ValueError, match="lr_range"):
-        gtn.Config(run=RunConfig(max_steps=1),
+        gtn.Config(run=SkipOrAbortRunConfig(max_steps=1),
                    teacher=gtn.TeacherSection(lr_param="capped", lr_range=(0.05, 1.0)))
