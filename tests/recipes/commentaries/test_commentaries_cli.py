@@ -55,7 +55,8 @@ def _main(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
 
-def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path) -> None:
+def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path, WEIGHTING.replace("HGMETHOD", "checkpointed"), "w.yaml")
     run, part = tmp_path / "teacher", tmp_path / "part"
     r = run_cli("run", cfg, "--out", run)
@@ -89,6 +90,25 @@ def test_weighting_run_resume_plot_and_student_eval(tmp_path: Path) -> None:
     table = (out / "summary.md").read_text()
     assert "| learned | 2 |" in table and "| baseline | 1 |" in table
     assert (out / "learning_speed.png").stat().st_size > 1000
+
+    # The batch-mean control: one weight per batch (the batch's mean), where the teacher's
+    # own weights differ between examples.
+    from bilevel.meta import weighting
+
+    seen: dict[str, list[torch.Tensor]] = {"example": [], "batch-mean": []}
+    real = weighting.weighted_nll
+    for mode in seen:
+        def spy(logp: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None,
+                _into: list[torch.Tensor] = seen[mode]) -> torch.Tensor:
+            _into.append(c)
+            return real(logp, y, c)
+        monkeypatch.setattr(weighting, "weighted_nll", spy)
+        assert _main("commentaries", "student", "--teacher", run, "--weights", mode, "--seeds", "0",
+                     *common[:-1], tmp_path / mode) == 0
+    assert all(torch.all(c == c[0]) for c in seen["batch-mean"])
+    assert not all(torch.all(c == c[0]) for c in seen["example"])
+    for a, b in zip(seen["example"][:1], seen["batch-mean"][:1], strict=True):
+        torch.testing.assert_close(b, a.mean().expand_as(a))  # same first batch, same student
 
 
 def test_blending_run_heatmaps_resume_and_three_arm_eval(tmp_path: Path) -> None:

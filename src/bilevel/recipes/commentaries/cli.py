@@ -36,6 +36,9 @@ def register(cmds: Any) -> None:
     s.add_argument("--progress", choices=("clamp", "seed", "stretch"), default="clamp",
                    help="iteration-channel value past the teacher's unroll (see docs)")
     s.add_argument("--evals-per-epoch", type=int, default=4)
+    s.add_argument("--weights", choices=("example", "batch-mean"), default="example",
+                   help="batch-mean (a control): each example gets its batch's mean teacher "
+                        "weight, keeping only the weight-over-time schedule")
     _common(s, epochs=1.0)
     s.set_defaults(handler=_student)
     b = cmds.add_parser("blend-eval", help="train fresh networks with no/random/learned blending")
@@ -103,7 +106,9 @@ def _student(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             curves = train_student(teacher, data=data, seed=seed, epochs=args.epochs, lr=args.lr,
                                    batch_size=args.batch_size, arch=args.arch,
-                                   progress_mode=args.progress, evals_per_epoch=args.evals_per_epoch)
+                                   progress_mode=args.progress, evals_per_epoch=args.evals_per_epoch,
+                                   weights="batch_mean" if arm == "learned" and args.weights == "batch-mean"
+                                   else "example")
             curves |= {"arm": arm, "seed": seed, "teacher": str(teacher), "args": _args(args)}
             (out / f"{arm}-seed{seed}.json").write_text(json.dumps(curves, indent=1))
             print(f"{arm} seed {seed}: test acc {curves['test_acc'][-1]:.4f}")

@@ -263,6 +263,7 @@ def student_progress(step: int, *, inner_steps: int, total_steps: int, mode: str
 def train_student(teacher_file: str | Path | None, *, data: Splits, seed: int, epochs: float,
                   lr: float = 1e-4, batch_size: int = 64, arch: str = "cbr",
                   progress_mode: str = "clamp", evals_per_epoch: int = 4,
+                  weights: Literal["example", "batch_mean"] = "example",
                   device: torch.device | None = None) -> dict[str, list[float]]:
     """Train a new student with a learned teacher weighting its loss (``None``: the baseline).
 
@@ -270,6 +271,10 @@ def train_student(teacher_file: str | Path | None, *, data: Splits, seed: int, e
     ``Σ_b c_b·NLL_b`` (``c ≡ 1`` for the baseline), teacher in train mode; accuracy on the
     test split and a 2,000-image train subsample at step 0 and every ``1/evals_per_epoch``
     epoch. Returns the curves ``{"step", "epoch", "test_acc", "test_loss", "train_acc"}``.
+
+    ``weights="batch_mean"`` is a control: every example of a batch gets the batch's mean
+    teacher weight, which keeps the teacher's weight-over-time schedule and drops its
+    per-example and per-class differences.
     """
     from bilevel.data import IndexSampler
     from bilevel.models import resnet18
@@ -308,6 +313,8 @@ def train_student(teacher_file: str | Path | None, *, data: Splits, seed: int, e
             with torch.no_grad():
                 p = student_progress(step, inner_steps=inner_steps, total_steps=total, mode=progress_mode)
                 c = weighting.example_weights(teacher, phi, t_buf, x[idx], progress=p)
+                if weights == "batch_mean":
+                    c = c.mean().expand_as(c)
         student.train()
         loss = weighting.weighted_nll(student(x[idx]), y[idx], c)
         opt.zero_grad(set_to_none=True)
