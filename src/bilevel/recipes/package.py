@@ -24,8 +24,9 @@ are named ``<recipe name>/<file>`` on the command line.
 
 The optional **hooks**:
 
-* ``cli``: a module with ``register(parser: argparse.ArgumentParser) -> None`` that adds
-  subcommands under ``bilevel <folder>`` (each sets ``handler``, a function ``args -> int``);
+* ``cli``: a module with ``register(commands) -> None``; ``commands`` is the sub-parser
+  action of ``bilevel <folder>``, to which it adds its subcommands with
+  ``commands.add_parser(...)``, each setting ``handler`` (a function ``args -> int``);
 * ``sweep_report``: ``"module:function"`` called by ``bilevel sweep-report`` for sweeps of
   this package's recipes, as ``function(sweep_dirs, *, metric, out, plots, diverged_at)``
   returning the files written. Without it, ``sweep-report`` writes the generic report
@@ -52,7 +53,7 @@ class Package:
         help: one line for ``bilevel --help`` and ``bilevel configs``.
         recipes: recipe name (the config's ``recipe:`` value) -> module defining ``Config``
             and ``run``; a leading ``.`` means relative to the folder.
-        cli: module with ``register(parser)`` for ``bilevel <folder> ...``, or None.
+        cli: module with ``register(commands)`` for ``bilevel <folder> ...``, or None.
         sweep_report: ``"module:function"`` writing a sweep's report, or None.
     """
 
