@@ -48,8 +48,8 @@ def _recipe_commands(sub: argparse._SubParsersAction) -> None:
         if pkg.cli is None:
             continue
         if folder in taken:  # a folder must not shadow a shared command
-            raise RuntimeError(f"recipe folder {pkg.origin}: `bilevel {folder}` is a shared "
-                               "command; rename the folder")
+            raise ConfigError(f"recipe folder {pkg.origin}: `bilevel {folder}` is a shared "
+                              "command; rename the folder")
         p = sub.add_parser(folder, help=pkg.help)
         cmds = p.add_subparsers(dest=f"{folder}_command", metavar="SUBCOMMAND")
         cmds.required = True
