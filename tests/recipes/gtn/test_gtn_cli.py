@@ -133,6 +133,19 @@ def test_shuffle_test_and_accuracy_plot(tmp_path: Path) -> None:
     assert r.code == 0 and png.stat().st_size > 1000, r
 
 
+def test_shuffle_test_of_an_earlier_outer_step(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("run", tiny(tmp_path), "--out", out, "--set", "checkpoint.every=1",
+                "--set", "checkpoint.keep_last=4")
+    assert r.code == 0, r
+    r = run_cli("gtn", "shuffle-test", out, "--learners", "2", "--test-size", "50", "--step", "2",
+                "--out", tmp_path / "at2")
+    assert r.code == 0, r
+    assert json.loads((tmp_path / "at2" / "shuffle.json").read_text())["outer_step"] == 2
+    r = run_cli("gtn", "shuffle-test", out, "--learners", "2", "--step", "7")
+    assert r.code != 0 and "no checkpoint of outer step 7 (kept: 1, 2, 3, 4)" in r.err, r
+
+
 def test_shuffle_test_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     r = run_cli("gtn", "shuffle-test", tmp_path, "--learners", "2")
     assert r.code != 0

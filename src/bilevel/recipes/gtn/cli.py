@@ -25,6 +25,8 @@ def register(gsub: Any) -> None:
     s.add_argument("--test-size", type=_positive, default=None, metavar="N",
                    help="evaluate on the first N test images (default: all)")
     s.add_argument("--seed", type=int, default=0, help="seed of inits, orders and noise")
+    s.add_argument("--step", type=_positive, default=None, metavar="N",
+                   help="take the teacher from outer step N's checkpoint (default: the latest)")
     s.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN_DIR)")
     s.set_defaults(handler=_shuffle)
 
@@ -47,7 +49,7 @@ def _shuffle(args: argparse.Namespace) -> int:
     from bilevel.recipes.gtn.evaluate import shuffle_test
 
     result = shuffle_test(args.run_dir, learners=args.learners, test_size=args.test_size,
-                          seed=args.seed, out=args.out)
+                          seed=args.seed, step=args.step, out=args.out)
     print(f"{result['curriculum']} curriculum, outer step {result['outer_step']}, "
           f"{result['learners']} learners, {result['test_size']} test images")
     for arm, s in result["summary"].items():

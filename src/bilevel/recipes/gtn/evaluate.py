@@ -30,7 +30,8 @@ from bilevel.run import CheckpointStore, load_layers, read_metrics, resolve_devi
 
 
 def shuffle_test(run_path: str | Path, *, learners: int = 100, test_size: int | None = None,
-                 seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+                 seed: int = 0, step: int | None = None,
+                 out: str | Path | None = None) -> dict[str, Any]:
     """Train fresh learners on a finished run's curriculum, in order and with steps shuffled.
 
     Learner ``i`` starts from the same initial weights in both arms (a paired comparison);
@@ -39,17 +40,29 @@ def shuffle_test(run_path: str | Path, *, learners: int = 100, test_size: int | 
     ``random`` curriculum each learner gets its own fresh noise, shared by both arms.
 
     Writes ``shuffle.json`` (accuracies, permutations, medians and quartiles) and
-    ``shuffle.png`` (box plot) into ``out`` (default: the run directory).
+    ``shuffle.png`` (box plot) into ``out`` (default: the run directory). The teacher is the
+    run's latest checkpoint, or the checkpoint of outer step ``step`` (keep it with
+    ``checkpoint.keep_last``).
 
     Returns:
         The contents of ``shuffle.json``.
     """
     run_path = Path(run_path)
     config = validate(Config, load_layers([run_path / "config.yaml"]), ignore=("recipe",))
-    found = CheckpointStore(run_path / "checkpoints").load_latest(report=print)
-    if found is None:
-        raise CheckpointError(f"{run_path}: no checkpoint to take the teacher from; run it first")
-    entry, payload = found
+    store = CheckpointStore(run_path / "checkpoints")
+    if step is None:
+        found = store.load_latest(report=print)
+        if found is None:
+            raise CheckpointError(f"{run_path}: no checkpoint to take the teacher from; run it first")
+        entry, payload = found
+    else:
+        kept = {e.step: e for e in store.entries()}
+        if step not in kept:
+            raise CheckpointError(f"{run_path}: no checkpoint of outer step {step} (kept: "
+                                  f"{', '.join(map(str, sorted(kept))) or 'none'}); choose one "
+                                  "of those, or rerun with checkpoint.every / keep_last that keep it")
+        entry = kept[step]
+        payload = store.load(entry)
     device = resolve_device(config.run.device)
     data = load_images(config.data, device)
     x_test, y_test = data["test"]
