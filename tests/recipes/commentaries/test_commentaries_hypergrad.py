@@ -41,11 +41,9 @@ def test_alg1_teacher_hypergradient_matches_finite_differences(f64: None, arch: 
     theta, s_buf = module_state(student)
     phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(3)]
-    step = cw.make_inner_step(student, teacher, batches, steps=3, lr=0.05)
+    step, meta = cw.make_problem(student, teacher, batches, steps=3, lr=0.05,
+                                 meta=(x[12:], y[12:], 4))[:2]
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
-
-    def meta(state: dict, hp: dict) -> torch.Tensor:
-        return cw.sum_nll_by_batch(student, state["params"], state["buffers"], x[12:], y[12:], 4)
 
     phi = {k: v.clone().requires_grad_() for k, v in phi0.items()}
     r = hypergrad.unrolled(step, meta, state0, phi, steps=3)
@@ -71,11 +69,9 @@ def test_alg1_checkpointed_and_truncated_unrolls(f64: None) -> None:
     theta, s_buf = module_state(student)
     phi0, _ = module_state(teacher)
     batches = [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(4)]
-    step = cw.make_inner_step(student, teacher, batches, steps=4, lr=0.05)
+    step, meta = cw.make_problem(student, teacher, batches, steps=4, lr=0.05,
+                                 meta=(x[16:], y[16:], 4))[:2]
     state0 = {"params": theta, "buffers": s_buf, "opt": adam.init(theta)}
-
-    def meta(state: dict, hp: dict) -> torch.Tensor:
-        return cw.sum_nll_by_batch(student, state["params"], state["buffers"], x[16:], y[16:], 4)
 
     phi = {k: v.clone().requires_grad_() for k, v in phi0.items()}
     full = hypergrad.unrolled(step, meta, state0, phi, steps=4).hypergrad

@@ -39,9 +39,8 @@ def problem(curriculum: str = "learned", steps: int = 3, lr_param: str = "softpl
               for k, d in state0.items()}
     state0["opt"] = state0["opt"]._replace(
         momentum_buffer={n: v.double() for n, v in state0["opt"].momentum_buffer.items()})
-    step = gtn.make_inner_step(learner, teacher, cfg, drawn)
-    meta_loss = gtn.make_meta_loss(learner, x, y, {})
-    return teacher, step, meta_loss, state0
+    p = gtn.make_problem(learner, teacher, cfg, drawn, meta=(x, y))
+    return teacher, p.step, p.outer_loss, state0
 
 
 def loss_at(step, meta_loss, state0, hp, steps: int) -> float:

@@ -19,13 +19,13 @@ from bilevel.data import Split
 from bilevel.hypergrad import HyperSGD
 from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
 from bilevel.recipes.onepass.algos import (
-    Inner,
     baydin,
     baydin_through_update,
     diff_through_opt,
     lorraine,
     ours,
 )
+from bilevel.recipes.onepass.inner import Inner
 from bilevel.recipes.onepass.task import Task
 
 LN10 = math.log(10.0)

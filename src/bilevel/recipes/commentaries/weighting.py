@@ -19,7 +19,6 @@ the progress grid, their labels and hardness, and the weights of the last unroll
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,27 +104,24 @@ def load_images(cfg: ImageDataConfig, device: torch.device) -> tuple[Splits, dic
                                "test": cfg.test_size}, device=device)
 
 
-def sum_nll_by_batch(student: torch.nn.Module, params: dict, buffers: dict,
-                     x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-    """The seed's meta-loss: mean over batches of Σ_b NLL_b, student BN in train mode."""
-    student.train()
-    losses = [weighting.weighted_nll(call(student, params, buffers, x[i:i + batch])[0],
-                                     y[i:i + batch]) for i in range(0, len(y), batch)]
-    return torch.stack(losses).mean()
-
-
-def make_inner_step(
+def make_problem(
     student: torch.nn.Module, teacher: torch.nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
     betas: tuple[float, float] = (0.9, 0.999), trace: dict | None = None,
-) -> Callable[[dict[str, Any], dict[str, torch.Tensor], int], dict[str, Any]]:
-    """The inner step ``state_{t+1} = step(state_t, φ, t)`` of Alg. 1, from the module kit.
+    meta: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> hypergrad.Problem:
+    """The inner step ``state_{t+1} = step(state_t, φ, t)`` of Alg. 1 and its meta-loss, from
+    the module kit.
 
     ``state = {"params", "buffers", "opt"}`` (student weights, BN buffers, Adam state), ``φ``
     the teacher's parameters by name; batch ``t`` of ``batches`` is weighted by
     ``c = teacher_φ(x, t / steps)`` (teacher in train mode) and the student takes one
     differentiable Adam step on ``Σ_b c_b·NLL_b``. ``trace[t]`` receives the (detached)
     weights and labels, for the curriculum plots.
+
+    The meta-loss (the seed's) on ``meta = (x, y, batch)``: the mean over batches of
+    ``Σ_b NLL_b`` of the trained student, BN in train mode. Without ``meta`` only ``step``
+    may be used.
     """
 
     def train_loss(s: torch.nn.Module, tch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -136,8 +132,16 @@ def make_inner_step(
             trace[t] = (c.detach(), y)
         return weighting.weighted_nll(s(x), y, c)
 
-    return hypergrad.problem(student, train_loss, lambda s, tch: s, hparams=teacher, rule=adam,
-                             batches=lambda t: (*batches[t], t), lr=lr, betas=betas).step
+    def meta_loss(s: torch.nn.Module, tch: torch.nn.Module) -> torch.Tensor:
+        if meta is None:
+            raise ValueError("make_problem(..., meta=(x, y, batch)) is needed for the meta-loss")
+        x, y, batch = meta
+        s.train()
+        return torch.stack([weighting.weighted_nll(s(x[i:i + batch]), y[i:i + batch])
+                            for i in range(0, len(y), batch)]).mean()
+
+    return hypergrad.problem(student, train_loss, meta_loss, hparams=teacher, rule=adam,
+                             batches=lambda t: (*batches[t], t), lr=lr, betas=betas)
 
 
 @torch.no_grad()
@@ -167,11 +171,9 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
     trace: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # t -> (weights, labels), last unroll
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    inner_step = make_inner_step(student, teacher, batches, steps=steps,
-                                 lr=config.inner.lr, betas=config.inner.betas, trace=trace)
-
-    def meta_loss(state: dict[str, Any], hp: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum_nll_by_batch(student, state["params"], state["buffers"], *data["val"], bs)
+    inner_step, meta_loss = make_problem(student, teacher, batches, steps=steps,
+                                         lr=config.inner.lr, betas=config.inner.betas,
+                                         trace=trace, meta=(*data["val"], bs))[:2]
 
     state = RunState(phi=phi, outer_opt=opt, sampler=sampler, theta0=theta0,
                      student_buffers0=student_buffers0)

@@ -202,13 +202,16 @@ def learner_seed(run_seed: int, outer_step: int) -> int:
     return (run_seed * 1_000_003 + outer_step) % (2**63)
 
 
-def make_inner_step(learner: GTNLearner, teacher: Teacher, config: Config,
-                    drawn: Tensor | None, order: list[int] | None = None) -> Any:
-    """The pure step map ``state_{t+1} = step(state_t, hp, t)`` of the inner loop, from the
-    module kit: SGD with the teacher's learned lr and momentum on the synthetic batch ``t``.
+def make_problem(learner: GTNLearner, teacher: Teacher, config: Config, drawn: Tensor | None,
+                 order: list[int] | None = None, *, meta: tuple[Tensor, Tensor] | None = None
+                 ) -> hypergrad.Problem:
+    """The inner loop from the module kit: SGD with the teacher's learned lr and momentum on
+    the synthetic batch ``t``, and the meta-loss: NLL of the trained learner on the real batch
+    ``meta = (x, y)`` with batch statistics, as in the seed.
 
-    ``order[t]`` is the curriculum step shown at inner step ``t`` (the shuffle test);
-    ``None`` is the learned order.
+    ``step`` is the pure map ``state_{t+1} = step(state_t, hp, t)``; ``order[t]`` is the
+    curriculum step shown at inner step ``t`` (the shuffle test), ``None`` the learned order.
+    Without ``meta`` only ``step`` may be used.
     """
     kl = config.learner.loss == "kl_div"
 
@@ -220,21 +223,14 @@ def make_inner_step(learner: GTNLearner, teacher: Teacher, config: Config,
         # the seed's KLDiv(log-probs, onehot), mean over B*C elements, is CE / C
         return loss / out.shape[1] if kl else loss
 
-    return hypergrad.problem(learner, train_loss, lambda model, hp: hp, hparams=teacher.hparams(),
-                             rule=sgd, lr=teacher.learner_lr, momentum=teacher.learner_momentum).step
+    def meta_loss(model: GTNLearner, hp: dict[str, Tensor]) -> Tensor:
+        if meta is None:
+            raise ValueError("make_problem(..., meta=(x, y)) is needed for the meta-loss")
+        model.train()  # batch statistics of the real batch, as in the seed
+        return F.nll_loss(model(meta[0]), meta[1])  # [M, 10] log-probs
 
-
-def make_meta_loss(learner: GTNLearner, x: Tensor, y: Tensor, sink: dict[str, Tensor]) -> Any:
-    """``outer_loss(state, hp)``: NLL of the trained learner on real ``(x, y)``; puts the
-    batch accuracy in ``sink["acc"]``."""
-
-    def meta_loss(state: dict[str, Any], hp: dict[str, Tensor]) -> Tensor:
-        learner.train()  # batch statistics of the real batch, as in the seed
-        out, _ = call(learner, state["params"], state["buffers"], x)  # [M, 10]
-        sink["acc"] = (out.argmax(1) == y).float().mean().detach()
-        return F.nll_loss(out, y)
-
-    return meta_loss
+    return hypergrad.problem(learner, train_loss, meta_loss, hparams=teacher.hparams(), rule=sgd,
+                             lr=teacher.learner_lr, momentum=teacher.learner_momentum)
 
 
 @torch.no_grad()
@@ -255,7 +251,7 @@ def train_learner(learner: GTNLearner, teacher: Teacher, config: Config, *, seed
                   drawn: Tensor | None, order: list[int] | None = None) -> dict[str, Any]:
     """Train a fresh learner on the curriculum (no hypergradient) and return its state."""
     hp = {k: v.detach() for k, v in teacher.hparams().items()}
-    step = make_inner_step(learner, teacher, config, drawn, order)
+    step = make_problem(learner, teacher, config, drawn, order).step
     state = fresh_learner(learner, seed=seed)
     for t in range(config.hypergrad.steps):
         state["params"] = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
@@ -310,10 +306,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         x_meta, y_meta = data["train"][0][idx], data["train"][1][idx]  # [M, 1, H, W], [M]
         drawn = teacher.sample_noise(generator=noise_rng)  # [T, B, d] for 'random', else None
         state0 = fresh_learner(learner, seed=learner_seed(config.run.seed, step))
-        inner_step = make_inner_step(learner, teacher, config, drawn)
-        meta_out: dict[str, Tensor] = {}
-        meta_loss = make_meta_loss(learner, x_meta, y_meta, meta_out)
-        r = hypergrad.from_config(config.hypergrad)(inner_step, meta_loss, state0, hp,
+        p = make_problem(learner, teacher, config, drawn, meta=(x_meta, y_meta))
+        r = hypergrad.from_config(config.hypergrad)(p.step, p.outer_loss, state0, hp,
                                                     check_finite=False)
         grads = [r.hypergrad[k] for k in hp]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -327,7 +321,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, float]:
         last = step == config.run.max_steps
         values: dict[str, float] = {}
         if step % config.logging.every == 0 or last:
-            values.update({"meta/loss": float(r.outer_loss), "meta/acc": float(meta_out["acc"]),
+            meta_acc = test_accuracy(learner, r.state, x_meta, y_meta, batchnorm="batch")
+            values.update({"meta/loss": float(r.outer_loss), "meta/acc": meta_acc,
                            "hyper/lr": float(teacher.learner_lr(hp).detach()),
                            "hyper/momentum": float(teacher.learner_momentum(hp).detach()),
                            "hypergrad/norm": float(gnorm), "time/outer_s": seconds,

@@ -1,7 +1,7 @@
 """One-pass weight-update hyperparameter optimisation (Clarke et al., ICLR 2022).
 
 ``recipe`` (the ``onepass`` recipe and its search space), ``algos`` (the paper's algorithms),
-``task`` (data and model), ``table`` / ``summary`` (the paper's bootstrap table, the sweep
+``inner`` (their training state and the kit step they share), ``task`` (data and model), ``table`` / ``summary`` (the paper's bootstrap table, the sweep
 report hook), ``sensitivity`` (the (T, i) heat-map), ``cli`` (``bilevel onepass sensitivity``).
 """
 

@@ -34,7 +34,8 @@ from pydantic import Field, model_validator
 from bilevel.errors import NonFiniteError
 from bilevel.hypergrad import HyperSGD, write_grad
 from bilevel.optim.hyperparameters import HParamSpec, Hyperparameters
-from bilevel.recipes.onepass.algos import ALGORITHMS, Inner
+from bilevel.recipes.onepass.algos import ALGORITHMS
+from bilevel.recipes.onepass.inner import Inner
 from bilevel.recipes.onepass.task import DataSection, ModelSection, Task, build_task
 from bilevel.run import (
     Accessor,

@@ -88,6 +88,18 @@ class Task:
         out, bufs = call(self.model, params, self.buffers, x)
         return self._criterion(out, y), {"buffers": bufs}
 
+    def module_loss(self, model: nn.Module, hparams: Any, *batch: Any) -> tuple[Tensor, Any]:
+        """:meth:`loss` for the module kit (:func:`bilevel.hypergrad.problem`): the model is
+        called as usual, inside the kit's ``functional_call``; the aux is the LSTM's new hidden
+        state, detached (``()`` for the other tasks: ``torch.func.grad`` refuses a None aux)."""
+        if self.kind == "language_model":
+            x, y, hidden = batch
+            logits, new_hidden = model(x, hidden)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            return loss, LSTMLanguageModel.detach_hidden(new_hidden)
+        x, y = batch
+        return self._criterion(model(x), y), ()
+
     def _criterion(self, out: Tensor, y: Tensor) -> Tensor:
         return F.mse_loss(out, y) if self.kind == "regression" else F.cross_entropy(out, y)
 
