@@ -23,8 +23,16 @@ def _launch(out: Path) -> None:
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(SCRIPT), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One retry: on a loaded 2-core machine a rank has (rarely) aborted in gloo's teardown
+    # ("terminate called without an active exception") after writing its result; a bug of
+    # ours would fail both launches.
+    errors = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        errors.append(proc.stderr[-3000:])
+    raise AssertionError("\n---- retry ----\n".join(errors))
 
 
 @pytest.fixture(scope="module")
