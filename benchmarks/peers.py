@@ -14,7 +14,8 @@ Problems (fixed seeds; MNIST if cached under $BILEVEL_DATA, else same-shaped ran
   ``on_indefinite="continue"``, as TorchOpt's does by default).
 
 Method per problem: the same inner loop written in each library's own style (bilevel: a pure
-step with ``torch.func.grad``; higher: ``innerloop_ctx``; TorchOpt: ``MetaSGD`` (OOP), and
+step with ``torch.func.grad``, the same step with ``torch.autograd.grad`` ("ag"), and the
+module kit, ``hypergrad.problem`` over the modules ("kit"); higher: ``innerloop_ctx``; TorchOpt: ``MetaSGD`` (OOP), and
 ``custom_root`` with its Neumann/CG solvers for implicit).
 
 Measurement, each configuration in a fresh process: time = median over ``reps`` of the
@@ -168,6 +169,23 @@ def weighting(dev: torch.device, dtype: torch.dtype, steps: int) -> dict[str, Fn
                 return hypergrad.implicit(step, outer, p0, lam, **k, **kw).hypergrad
         return run
 
+    def with_kit(**kw) -> Fn:  # modules in, as the docs tell users to write it
+        def train_loss(model, tch, xb, yb):
+            w = torch.sigmoid(tch(xb)).squeeze(-1) * 2
+            return (w * nn.functional.cross_entropy(model(xb), yb, reduction="none")).mean()
+
+        def run() -> dict:
+            tch = copy.deepcopy(teacher)
+            for k, v in tch.named_parameters():
+                v.data.copy_(lam[k])
+            p = hypergrad.problem(net, train_loss, lambda model, tch: outer_module(model),
+                                  hparams=tch, batches=batch, lr=lr)
+            return hypergrad.unrolled(*p, steps=steps, **kw).hypergrad
+        return run
+
+    def outer_module(model):
+        return nn.functional.cross_entropy(model(xv), yv)
+
     def plain_step() -> dict:
         nonlocal steps
         keep, steps = steps, 1
@@ -179,6 +197,7 @@ def weighting(dev: torch.device, dtype: torch.dtype, steps: int) -> dict[str, Fn
         "plain": plain, "plain-step": plain_step,
         "bilevel unrolled": ours(), "bilevel checkpointed": ours(checkpoint=True),
         "bilevel unrolled ag": ours(step_ag), "bilevel checkpointed ag": ours(step_ag, checkpoint=True),
+        "bilevel kit": with_kit(), "bilevel kit checkpointed": with_kit(checkpoint=True),
         "higher": with_higher, "torchopt OOP": with_torchopt,
         "bilevel neumann": ours_implicit(solver="neumann"),
         "bilevel cg": ours_implicit(solver="cg", on_indefinite="continue"),
@@ -260,8 +279,20 @@ def gtn(dev: torch.device, dtype: torch.dtype, steps: int) -> dict[str, Fn]:
     def ours(st=step, **kw) -> Fn:
         return lambda: hypergrad.unrolled(st, outer, {"p": p0, "b": b0}, lam, steps=steps, **kw).hypergrad
 
+    def with_kit(**kw) -> Fn:  # modules in, as the docs tell users to write it
+        def run() -> dict:
+            model, g = fresh()
+            for k, v in g.named_parameters():
+                v.data.copy_(lam[k])
+            p = hypergrad.problem(
+                model, lambda m, gen_, t: nn.functional.cross_entropy(m(gen_(z)), labels),
+                lambda m, gen_: nn.functional.cross_entropy(m(xv), yv), hparams=g, lr=lr)
+            return hypergrad.unrolled(*p, steps=steps, **kw).hypergrad
+        return run
+
     return {"plain": plain, "bilevel unrolled": ours(), "bilevel checkpointed": ours(checkpoint=True),
             "bilevel unrolled ag": ours(step_ag), "bilevel checkpointed ag": ours(step_ag, checkpoint=True),
+            "bilevel kit": with_kit(), "bilevel kit checkpointed": with_kit(checkpoint=True),
             "higher": with_higher, "torchopt OOP": with_torchopt}
 
 
@@ -333,7 +364,7 @@ def measure(problem: str, method: str, steps: int, reps: int, device: str) -> di
 
 def plan(only: str | None) -> list[tuple[str, str, int]]:
     unrolled = ["bilevel unrolled", "bilevel checkpointed", "bilevel unrolled ag", "bilevel checkpointed ag",
-                "higher", "torchopt OOP"]
+                "bilevel kit", "bilevel kit checkpointed", "higher", "torchopt OOP"]
     cells = [("weighting", m, t) for t in (10, 50, 100) for m in unrolled]
     cells += [("gtn", m, t) for t in (10, 20) for m in unrolled]
     cells += [("weighting", m, 1) for m in ("bilevel neumann", "torchopt neumann", "bilevel cg", "torchopt cg")]
