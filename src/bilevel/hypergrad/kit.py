@@ -24,6 +24,9 @@ Conventions:
   ``outer_loss(model, hparams)`` call the model (and any hyperparameter module) as usual;
   the kit runs them inside :func:`torch.func.functional_call` on the tensors of the current
   inner state, so nothing is monkey-patched and the modules are never modified.
+* **Inner gradient.** ``torch.autograd.grad`` (``create_graph`` when something requires
+  grad), or ``torch.func.grad`` inside a ``torch.func`` transform such as forward mode's
+  ``jacfwd``: the same numbers either way, and every method accepts the step.
 * **Inner state** ``{"params", "buffers", "opt"}``: the model's trainable parameters, its
   buffers and the update rule's state. Frozen parameters (``requires_grad=False``) stay
   constants.
