@@ -90,8 +90,9 @@ class TeacherSection(Section):
     map_size: int = Field(7, gt=0)
     conv1_filters: int = Field(64, gt=0)
     lr_param: LrParam = Field(
-        "softplus", description="learner lr/momentum: softplus/sigmoid of raw values (default), "
-        "raw (GoodAI's), or capped (raw clamped into lr_range / momentum_range)")
+        "capped", description="learner lr/momentum: capped (raw values clamped into lr_range / "
+        "momentum_range; the default, the stable one over 1500 outer steps: docs/results.md), "
+        "raw (GoodAI's), or softplus/sigmoid of raw values")
     lr_range: tuple[float, float] = Field((1e-4, 1.0), description="capped: lr bounds")
     momentum_range: tuple[float, float] = Field((0.0, 0.99), description="capped: momentum bounds")
 
