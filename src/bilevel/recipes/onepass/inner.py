@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from bilevel import hypergrad
 from bilevel.functional import Params
 from bilevel.hypergrad import HyperSGD
-from bilevel.hypergrad._common import OuterLossFn, StepFn
 from bilevel.hypergrad.hypersgd import sgd_update
 from bilevel.optim.hyperparameters import Hyperparameters
 from bilevel.recipes.onepass.task import Batch, Task
@@ -89,7 +88,7 @@ class ClarkeSGD:
 
 def kit(inner: Inner, *, outer_batch: Batch | None = None, batch: Batch | None = None,
         hv: Callable[[Any], dict[str, Any]] | None = None, hparams: Any = None,
-        commit: bool = True) -> tuple[StepFn, OuterLossFn]:
+        commit: bool = True) -> tuple[Callable[..., Any], Callable[..., Tensor]]:
     """One weight update and a loss as the engine's ``step`` / ``outer_loss``, from the kit.
 
     :func:`hypergrad.problem` over the task's model and :meth:`Task.module_loss`, with
