@@ -64,7 +64,11 @@ class Inner:
         return {"params": self.w, "buffers": self.task.buffers, "opt": self.buf}
 
     def adopt(self, state: dict[str, Params], steps: int) -> None:
-        """Continue from a kit state reached by ``steps`` real weight steps (detached)."""
+        """Continue from a kit state reached by ``steps`` real weight steps (detached).
+
+        Not with ``opt``: HyperSGD updates its leaves in place, so they are never replaced."""
+        if self.opt is not None:
+            raise RuntimeError("Inner.adopt: the weights of algorithm 'ours' belong to its HyperSGD")
         self.w, self.task.buffers, self.buf = (
             {k: v.detach() for k, v in state[part].items()} for part in ("params", "buffers", "opt"))
         self.t += steps
