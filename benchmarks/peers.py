@@ -174,17 +174,12 @@ def weighting(dev: torch.device, dtype: torch.dtype, steps: int) -> dict[str, Fn
             w = torch.sigmoid(tch(xb)).squeeze(-1) * 2
             return (w * nn.functional.cross_entropy(model(xb), yb, reduction="none")).mean()
 
-        def run() -> dict:
-            tch = copy.deepcopy(teacher)
-            for k, v in tch.named_parameters():
-                v.data.copy_(lam[k])
-            p = hypergrad.problem(net, train_loss, lambda model, tch: outer_module(model),
-                                  hparams=tch, batches=batch, lr=lr)
+        def run() -> dict:  # λ is the teacher's own parameters (lam holds the same values)
+            p = hypergrad.problem(net, train_loss,
+                                  lambda model, tch: nn.functional.cross_entropy(model(xv), yv),
+                                  hparams=teacher, batches=batch, lr=lr)
             return hypergrad.unrolled(*p, steps=steps, **kw).hypergrad
         return run
-
-    def outer_module(model):
-        return nn.functional.cross_entropy(model(xv), yv)
 
     def plain_step() -> dict:
         nonlocal steps
@@ -281,9 +276,7 @@ def gtn(dev: torch.device, dtype: torch.dtype, steps: int) -> dict[str, Fn]:
 
     def with_kit(**kw) -> Fn:  # modules in, as the docs tell users to write it
         def run() -> dict:
-            model, g = fresh()
-            for k, v in g.named_parameters():
-                v.data.copy_(lam[k])
+            model, g = fresh()  # copies of the learner and the generator (= lam)
             p = hypergrad.problem(
                 model, lambda m, gen_, t: nn.functional.cross_entropy(m(gen_(z)), labels),
                 lambda m, gen_: nn.functional.cross_entropy(m(xv), yv), hparams=g, lr=lr)

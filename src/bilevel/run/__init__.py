@@ -32,6 +32,7 @@ from bilevel.run.schema import (
     OuterOptimConfig,
     RunConfig,
     Section,
+    SGDConfig,
     SkipOrAbortRunConfig,
 )
 from bilevel.run.seeding import (
@@ -71,6 +72,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "RunState",
+    "SGDConfig",
     "Section",
     "SkipOrAbortRunConfig",
     "Truncated",

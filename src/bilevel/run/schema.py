@@ -80,6 +80,16 @@ class MLPConfig(Section):
     activation: Literal["relu", "tanh", "gelu"] = "relu"
 
 
+class SGDConfig(Section):
+    """``torch.optim.SGD``'s settings, for recipes whose inner rule is SGD and nothing else
+    (``momentum`` 0: plain SGD; coupled weight decay)."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
 class InnerOptimConfig(Section):
     """The update rule of the inner problem (initial values of learned hyperparameters)."""
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from bilevel.data import IndexSampler, load_dataset
 from bilevel.hypergrad import MetaOptimizer
-from bilevel.recipes.auxilearn.tasks import InnerSection, NetSection
+from bilevel.recipes.auxilearn.tasks import NetSection
 from bilevel.run import (
     CheckpointConfig,
     DataConfig,
@@ -48,6 +48,7 @@ from bilevel.run import (
     RunDir,
     RunState,
     Section,
+    SGDConfig,
     SkipOrAbortRunConfig,
     on_nonfinite,
     resolve_device,
@@ -87,7 +88,7 @@ class Config(Section):
     labels_per_class: int = Field(20, gt=1, description="labelled images per class in the pool")
     val_size: int = Field(1000, gt=0, description="validation images (model selection, report)")
     model: NetSection = NetSection(hidden=[256, 128])
-    inner: InnerSection = InnerSection(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    inner: SGDConfig = SGDConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)  # the authors'
     labels: LabelsConfig = LabelsConfig()
     meta: MetaConfig = MetaConfig()
     eval_every: int = Field(100, gt=0)

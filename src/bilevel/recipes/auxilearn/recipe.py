@@ -45,7 +45,6 @@ from bilevel.meta.auxiliary import LinearCombiner, NonlinearCombiner, task_weigh
 from bilevel.recipes.auxilearn.tasks import (
     SIDE,
     TASKS,
-    InnerSection,
     MultiTaskNet,
     NetSection,
     accuracy,
@@ -59,6 +58,7 @@ from bilevel.run import (
     RunDir,
     RunState,
     Section,
+    SGDConfig,
     SkipOrAbortRunConfig,
     resolve_device,
 )
@@ -109,7 +109,7 @@ class Config(Section):
     data: DataConfig = DataConfig(name="mnist", batch_size=32)
     tasks: TasksConfig = TasksConfig()
     model: NetSection = NetSection(hidden=[256, 128])
-    inner: InnerSection = InnerSection(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    inner: SGDConfig = SGDConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)  # the authors'
     meta: MetaConfig = MetaConfig()
     eval_every: int = Field(100, gt=0, description="evaluate val/test accuracy every N steps")
     run: SkipOrAbortRunConfig

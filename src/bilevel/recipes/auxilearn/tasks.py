@@ -31,15 +31,6 @@ SELF_SUPERVISED = ("rotation", "flip")
 SIDE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
 
 
-class InnerSection(Section):
-    """``torch.optim.SGD`` on the network (``momentum`` 0: plain SGD). The recipes' default is
-    the authors' (lr 0.05, momentum 0.9, weight decay 5e-4)."""
-
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-
-
 class NetSection(Section):
     """The MLP trunk (ReLU, as the authors'); the heads follow from the tasks."""
 

@@ -16,8 +16,6 @@ Run it::
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field, field_validator
 
@@ -36,17 +34,9 @@ from bilevel.run import (
     RunDir,
     RunState,
     Section,
+    SGDConfig,
     resolve_device,
 )
-
-
-class InnerSection(Section):
-    """The SGD that trains the MLP (HyperSGD's rule); the learning rates are learned."""
-
-    name: Literal["sgd"] = "sgd"
-    lr: float = Field(0.01, gt=0.0, description="initial learning rate")
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
 
 
 class Config(Section):
@@ -54,7 +44,7 @@ class Config(Section):
 
     data: DataConfig = DataConfig(name="mnist", batch_size=100)
     model: MLPConfig = MLPConfig(hidden=[100])
-    inner: InnerSection = InnerSection()
+    inner: SGDConfig = SGDConfig()  # HyperSGD's rule; inner.lr is the learned rates' start
     hparam: HParamConfig = HParamConfig(name="lr", granularity="tensor", low=-6.0, high=0.0)
     outer: OuterOptimConfig = OuterOptimConfig(name="adam", lr=0.05)
     hypergrad: OnePass = OnePass(steps=10, terms=5)

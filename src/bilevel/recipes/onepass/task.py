@@ -79,26 +79,33 @@ class Task:
     def loss(self, params: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Any]]:
         """Training-mode loss of one batch and what it changes (buffers, hidden state)."""
         self.model.train()
-        if self.kind == "language_model":
-            x, y, hidden = batch
-            (logits, new_hidden), bufs = call(self.model, params, self.buffers, x, hidden)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            return loss, {"buffers": bufs, "hidden": LSTMLanguageModel.detach_hidden(new_hidden)}
-        x, y = batch
-        out, bufs = call(self.model, params, self.buffers, x)
-        return self._criterion(out, y), {"buffers": bufs}
+        bufs: dict[str, Tensor] = {}
+
+        def forward(*args: Any) -> Any:  # the model on ``params``, keeping its new buffers
+            out, new = call(self.model, params, self.buffers, *args)
+            bufs.update(new)
+            return out
+
+        loss, hidden = self._batch_loss(forward, batch)
+        return loss, {"buffers": bufs} | ({"hidden": hidden} if self.kind == "language_model" else {})
 
     def module_loss(self, model: nn.Module, hparams: Any, *batch: Any) -> tuple[Tensor, Any]:
         """:meth:`loss` for the module kit (:func:`bilevel.hypergrad.problem`): the model is
         called as usual, inside the kit's ``functional_call``; the aux is the LSTM's new hidden
         state, detached (``()`` for the other tasks: ``torch.func.grad`` refuses a None aux)."""
+        loss, hidden = self._batch_loss(model, batch)
+        return loss, () if hidden is None else hidden
+
+    def _batch_loss(self, forward: Any, batch: Batch) -> tuple[Tensor, Any]:
+        """The loss of ``batch`` through ``forward`` (the model, or a functional call of it),
+        and the LSTM's new hidden state, detached (None for the other tasks)."""
         if self.kind == "language_model":
             x, y, hidden = batch
-            logits, new_hidden = model(x, hidden)
+            logits, new_hidden = forward(x, hidden)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             return loss, LSTMLanguageModel.detach_hidden(new_hidden)
         x, y = batch
-        return self._criterion(model(x), y), ()
+        return self._criterion(forward(x), y), None
 
     def _criterion(self, out: Tensor, y: Tensor) -> Tensor:
         return F.mse_loss(out, y) if self.kind == "regression" else F.cross_entropy(out, y)
