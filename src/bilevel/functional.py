@@ -23,7 +23,7 @@ modules (an embedding and a decoder sharing one ``Parameter``) are given under e
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -40,16 +40,22 @@ def module_state(model: nn.Module) -> tuple[Params, Buffers]:
     return params, buffers
 
 
-# model -> None (no submodule reached twice), else {name: the other slots holding its tensor}
-_SLOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[str]] | None] = weakref.WeakKeyDictionary()
+class _Layout(NamedTuple):
+    """What :func:`call` needs to know about a model's tensors, found once per model."""
+
+    names: frozenset[str]  # the names of module_state(model): the keys a call must give
+    slots: dict[str, list[str]] | None  # a submodule reached twice: name -> its other slots
+    tied: bool  # a tensor held by two different modules (tied weights)
 
 
-def _shared_slots(model: nn.Module) -> dict[str, list[str]] | None:
-    """For a model with a submodule reached under two names: each tensor's first name ->
-    the names of the other (module, attribute) slots holding that tensor. ``None`` when no
-    submodule is shared (the common case: ``functional_call``'s own tie handling is right)."""
-    if model in _SLOTS:
-        return _SLOTS[model]
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module) -> _Layout:
+    """The model's :class:`_Layout`, cached (a model whose modules are rearranged after its
+    first call is not seen again: build a new model instead)."""
+    if model in _LAYOUTS:
+        return _LAYOUTS[model]
     seen: set[tuple[int, str]] = set()
     first: dict[int, str] = {}
     others: dict[str, list[str]] = {}
@@ -68,8 +74,10 @@ def _shared_slots(model: nn.Module) -> dict[str, list[str]] | None:
             else:
                 first[id(t)] = name
                 others.setdefault(name, [])
-    _SLOTS[model] = others if shared else None
-    return _SLOTS[model]
+    names = frozenset(k for k, _ in (*model.named_parameters(), *model.named_buffers()))
+    layout = _Layout(names, others if shared else None, any(others.values()))
+    _LAYOUTS[model] = layout
+    return layout
 
 
 def call(
@@ -82,10 +90,18 @@ def call(
     # detach: running statistics carry no gradient, even when the state they travel in
     # was prepared with requires_grad by a hypergradient method.
     new_buffers = {k: v.detach().clone() for k, v in buffers.items()}
-    slots = _shared_slots(model)
-    if slots is None:
-        out = functional_call(model, (params, new_buffers), args, kwargs, strict=True)
+    layout = _layout(model)
+    if layout.slots is None:
+        given = params.keys() | new_buffers.keys()
+        if given == layout.names and len(given) == len(params) + len(new_buffers):
+            # every name given once, checked here: functional_call's own strict and
+            # tie checks walk the whole module tree on every call (a third of its cost)
+            out = functional_call(model, (params, new_buffers), args, kwargs,
+                                  tie_weights=layout.tied, strict=False)
+        else:  # let torch name what is missing or unexpected
+            out = functional_call(model, (params, new_buffers), args, kwargs, strict=True)
         return out, new_buffers
+    slots = layout.slots
     given = {**params, **new_buffers}
     if set(given) != set(slots):
         missing, extra = sorted(set(slots) - set(given)), sorted(set(given) - set(slots))

@@ -63,11 +63,33 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], TreeDef]:
 # keeps ``leaves`` (a step's tensors, a segment's recomputed graph) alive until Python's
 # cycle collector happens to run. Module-level helpers are freed by refcount on return.
 def _walk(node: Tree, leaves: list[Any]) -> TreeDef:
+    # tensors and plain dicts first: they are nearly every node of a state, and this runs
+    # several times per inner step
+    if isinstance(node, torch.Tensor):
+        leaves.append(node)
+        return _LEAF
+    if type(node) is dict:
+        keys = tuple(node)
+        return TreeDef("dict", keys, tuple(_walk(node[k], leaves) for k in keys))
     kind, meta, children, _ = _node(node)
     if kind == "leaf":
         leaves.append(node)
         return _LEAF
     return TreeDef(kind, meta, tuple(_walk(c, leaves) for c in children))
+
+
+def _collect(node: Tree, leaves: list[Any]) -> None:
+    """The leaves of :func:`_walk`, in its order, without building the structure."""
+    if isinstance(node, torch.Tensor):
+        leaves.append(node)
+    elif isinstance(node, dict):
+        for v in node.values():
+            _collect(v, leaves)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _collect(v, leaves)
+    elif node is not None:
+        leaves.append(node)
 
 
 def _build(d: TreeDef, it: Iterator[Any]) -> Tree:
@@ -96,7 +118,9 @@ def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Tree:
 
 
 def tree_leaves(tree: Tree) -> list[Any]:
-    return tree_flatten(tree)[0]
+    leaves: list[Any] = []
+    _collect(tree, leaves)
+    return leaves
 
 
 def tree_paths(tree: Tree, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -182,14 +206,23 @@ def tree_norm(tree: Tree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves]))
 
 
-def tree_all_finite(tree: Tree) -> torch.Tensor:
+def tree_all_finite(tree: Tree, *, checked: Tree | None = None) -> torch.Tensor:
     """A 0-d bool tensor, True when every floating leaf is finite (no host sync).
 
     NaN and ±inf survive a sum, so one sum per leaf is checked instead of a full
     ``isfinite`` pass: about five times cheaper on the hot path of an unroll. The price is
     a false alarm if finite values overflow when summed (|values| ~ 1e38 / numel in float32),
     by which point training has diverged anyway.
+
+    ``checked``: a tree of the same structure already checked (the previous step's state);
+    a leaf that *is* its leaf there (the same tensor object, passed through unchanged, such
+    as a momentum buffer without momentum or a frozen statistic) is not summed again.
     """
+    leaves = tree_leaves(tree)
+    old = tree_leaves(checked) if checked is not None else []
+    if len(old) != len(leaves):
+        old = [None] * len(leaves)
     with torch.no_grad():
-        sums = [x.detach().sum() for x in tree_leaves(tree) if is_float_tensor(x)]
-        return torch.isfinite(torch.stack(sums).sum()) if sums else torch.tensor(True)
+        sums = [x.detach().sum() for x, o in zip(leaves, old, strict=True)
+                if is_float_tensor(x) and x is not o]
+        return torch.isfinite(torch.stack(sums).sum()) if sums else torch.ones((), dtype=torch.bool)

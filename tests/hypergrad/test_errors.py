@@ -108,6 +108,30 @@ def test_non_finite_state_is_reported_with_its_step_and_nothing_written_back():
     assert info.value.what == "state"
 
 
+def test_a_leaf_passed_through_unchanged_is_checked_once_and_still_caught():
+    """The unroll skips re-checking a state leaf the step returns unchanged (the same tensor
+    object, e.g. a momentum buffer without momentum): it was checked after the first step,
+    so a NaN there is still reported, at the first step; a changing leaf is checked every
+    step."""
+    lam = torch.tensor(0.5, requires_grad=True)
+
+    def step(s, h, t):  # "frozen" passes through; "w" turns NaN at step 3
+        w = s["w"] - h * s["w"] + (torch.nan if t == 3 else 0.0)
+        return {"w": w, "frozen": s["frozen"]}
+
+    def outer(s, h):
+        return (s["w"] ** 2).sum()
+
+    ok = {"w": torch.ones(2), "frozen": torch.zeros(2)}
+    with pytest.raises(NonFiniteError) as info:
+        hypergrad.unrolled(step, outer, ok, lam, steps=6)
+    assert info.value.step == 3
+    bad = {"w": torch.ones(2), "frozen": torch.tensor([0.0, torch.nan])}
+    with pytest.raises(NonFiniteError) as info:
+        hypergrad.unrolled(step, outer, bad, lam, steps=2, start=5)
+    assert info.value.step == 5
+
+
 def test_argument_errors(ridge):
     with pytest.raises(ValueError, match="solver must be one of"):
         hypergrad.implicit(ridge.step, ridge.outer_loss, ridge.state0(), ridge.hparams(), solver="lu")

@@ -117,10 +117,11 @@ def unrolled(
             state, t = _run_checkpointed(step, state, hparams, t, k, segment, flags, check_finite, start)
         else:
             for _ in range(k):
-                state = _one_step(step, state, hparams, t, first=t == start)
-                if check_finite:
-                    flags.append((t, tree_all_finite(state)))
+                prev, state = state, _one_step(step, state, hparams, t, first=t == start)
+                if check_finite:  # leaves passed through unchanged were checked a step ago
+                    flags.append((t, tree_all_finite(state, checked=None if t == start else prev)))
                 t += 1
+            del prev
         _raise_if_bad(flags)
         loss = outer_loss(state, hparams)
         grads = torch.autograd.grad(loss, h_leaves, allow_unused=True)
