@@ -1,6 +1,7 @@
 """Cost of a hypergradient, as a multiple of plain training over the same steps.
 
     .venv/bin/python benchmarks/hypergrad.py [--quick] [--threads 1] [--device cpu]
+    .venv/bin/python benchmarks/hypergrad.py --flops    # matrix-product FLOPs, lr/wd/mom
 
 Problems (fixed seeds, real MNIST if it is cached, else same-shaped random tensors):
 
@@ -13,6 +14,11 @@ Problems (fixed seeds, real MNIST if it is cached, else same-shaped random tenso
 Every cell runs in a fresh subprocess so that its peak resident memory (minus the memory
 after setup) is its own. ``plain`` is ordinary training (loss.backward + update) over the
 same steps; implicit rows are reported in plain-step equivalents.
+
+``--flops`` counts, with ``torch.utils.flop_counter.FlopCounterMode``, the matrix-product
+FLOPs of one step of each method on ``lr/wd/mom`` (the difference between T = 2 and T = 1,
+so the outer loss and one-time checks cancel), as a multiple of one plain step: a floor on
+each method's time that no dispatch work can go below.
 """
 
 from __future__ import annotations
@@ -263,14 +269,40 @@ def measure(problem: str, mode: str, steps: int, args: argparse.Namespace) -> di
     return out
 
 
+def flops_per_step() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(1)
+    step, outer, s0, lam, plain = scalar_problem(torch.device("cpu"))
+
+    def count(fn: Callable[[int], object], steps: int) -> int:
+        with FlopCounterMode(display=False) as fc:
+            fn(steps)
+        return fc.get_total_flops()
+
+    methods: dict[str, Callable[[int], object]] = {
+        "plain": plain,
+        "unrolled": lambda t: hypergrad.unrolled(step, outer, s0, lam, steps=t),
+        "forward": lambda t: hypergrad.forward(step, outer, s0, lam, steps=t),
+    }
+    per_step = {m: count(f, 2) - count(f, 1) for m, f in methods.items()}
+    print("lr/wd/mom (3 scalars), matrix-product FLOPs of one inner step")
+    for m, f in per_step.items():
+        print(f"{m:<10} {f / 1e6:9.1f} MFLOP  {f / per_step['plain']:5.2f} x plain")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="T=10 only, one repetition")
+    ap.add_argument("--flops", action="store_true", help="count matrix-product FLOPs per step, then stop")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
+    if args.flops:
+        flops_per_step()
+        return
     if args.quick:
         args.reps = 1
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, data {mnist(torch.device('cpu'))[2]}")
