@@ -52,3 +52,24 @@ def test_large_activations_give_short_segments():
     assert len(calls) == 20  # segments of one step
     plain = hypergrad.unrolled(step, ridge.outer_loss, ridge.state0(), ridge.hparams(), steps=20)
     assert float(r.hypergrad["log_reg"]) == pytest.approx(float(plain.hypergrad["log_reg"]), rel=1e-12)
+    assert r.info["segment"] == 1
+
+
+def test_leaves_returned_unchanged_do_not_count_as_state():
+    """A state leaf the step passes through (a momentum buffer without momentum, a frozen
+    table) is shared by every saved state, so it must not lengthen the segments: the plan
+    is the one for the changing leaves alone."""
+    ridge = Ridge()
+
+    def step(s, h, t):
+        return {"w": ridge.step(s, h, t)["w"], "frozen": s["frozen"]}
+
+    def outer(s, h):
+        return ridge.outer_loss(s, h)
+
+    alone = hypergrad.unrolled(ridge.step, ridge.outer_loss, ridge.state0(), ridge.hparams(),
+                               steps=64, checkpoint=True)
+    s0 = {**ridge.state0(), "frozen": torch.zeros(50 * ridge.state0()["w"].numel(), dtype=torch.float64)}
+    with_frozen = hypergrad.unrolled(step, outer, s0, ridge.hparams(), steps=64, checkpoint=True)
+    assert with_frozen.info["segment"] == alone.info["segment"]
+    assert float(with_frozen.hypergrad["log_reg"]) == float(alone.hypergrad["log_reg"])

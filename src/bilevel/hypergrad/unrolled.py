@@ -81,7 +81,11 @@ def unrolled(
         steps: number of inner steps T (t runs from ``start`` to ``start + T - 1``).
         truncate: if set, only the last ``truncate`` steps carry gradient.
         checkpoint: recompute segments in backward (memory ~ sqrt(steps)).
-        segment: steps per checkpointed segment (default ``ceil(sqrt(steps))``).
+        segment: steps per checkpointed segment. By default it is chosen to minimise peak
+            memory from the sizes measured on the first step: ``sqrt(steps · S / G)`` for
+            ``S`` the bytes of the state leaves the step changes (a leaf returned unchanged
+            is shared between saved states) and ``G`` the bytes one step's graph keeps;
+            ``r.info["segment"]`` reports it.
         start: index of the first step (passed to ``step`` as ``t``).
         check_finite: detect NaN/inf in the state after every step (one host sync at the
             end) and in the loss and hypergradient; raise :class:`NonFiniteError` with the
@@ -114,7 +118,8 @@ def unrolled(
 
     with explain_autograd_errors("unrolled"):
         if checkpoint:
-            state, t = _run_checkpointed(step, state, hparams, t, k, segment, flags, check_finite, start)
+            state, t, segment = _run_checkpointed(step, state, hparams, t, k, segment, flags,
+                                                  check_finite, start)
         else:
             for _ in range(k):
                 prev, state = state, _one_step(step, state, hparams, t, first=t == start)
@@ -130,6 +135,8 @@ def unrolled(
         check_finite_result(loss.detach(), hyper, "unrolled")
     h_def = tree_flatten(hparams)[1]
     info = {"steps": steps, "carried_gradient": k, "checkpoint": checkpoint}
+    if checkpoint:
+        info["segment"] = segment
     return HypergradResult(tree_unflatten(h_def, hyper), tree_detach(state), loss.detach(), info,
                            aux_steps.collected(range(start, start + steps)))
 
@@ -158,13 +165,14 @@ def _one_step(step: StepFn, state: Tree, hparams: Tree, t: int, *, first: bool) 
 def _run_checkpointed(
     step: StepFn, state: Tree, hparams: Tree, t: int, k: int, segment: int | None,
     flags: list[tuple[int, torch.Tensor]], check_finite: bool, start: int,
-) -> tuple[Tree, int]:
+) -> tuple[Tree, int, int]:
     if t == start or segment is None:
         # One step outside the Function, on the real tensors: the structural checks (first
         # step only) and the size of one step's graph, to choose the segment length.
         one = checked_first_step(step, state, hparams, t) if t == start else step(state, hparams, t)
-        if segment is None:
-            floats = [x for x in tree_flatten(state)[0] if is_float_tensor(x)]
+        if segment is None:  # a leaf the step returns unchanged is shared, not saved again
+            floats = [x for x, y in zip(tree_flatten(state)[0], tree_flatten(one)[0], strict=True)
+                      if is_float_tensor(x) and x is not y]
             segment = segment_length(k, sum(x.numel() * x.element_size() for x in floats),
                                      graph_bytes(tree_flatten(one)[0]))
         del one
@@ -182,7 +190,7 @@ def _run_checkpointed(
         if check_finite:
             flags.append((t + n - 1, tree_all_finite(state)))
         t, done = t + n, done + n
-    return state, t
+    return state, t, seg
 
 
 def _raise_if_bad(flags: list[tuple[int, torch.Tensor]]) -> None:
