@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -256,9 +257,17 @@ def run_cell(problem: str, mode: str, steps: int, reps: int, device: str, thread
     fn()  # first call: its peak is the memory figure
     sync()
     mem = (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else peak_mib() - base
-    # paired with plain training of the same length in this process, in alternating order:
-    # ratios of back-to-back runs cancel most of the machine's drift
     plain_fn = (lambda: plain(1)) if mode.startswith("implicit") else (lambda: plain(steps))
+    plain_fn()
+    time_s, ratio = paired(fn, plain_fn, reps, sync)
+    q.put({"time": time_s, "ratio": ratio, "mem": mem})
+
+
+def paired(fn: Callable[[], object], base_fn: Callable[[], object], reps: int,
+           sync: Callable[[], object]) -> tuple[float, float]:
+    """``(median time of fn, median of fn/base_fn ratios)`` over ``reps`` pairs run back to
+    back in this process, the order alternating: ratios of neighbouring runs cancel most of
+    the machine's drift, which a ratio of two separately taken medians does not."""
 
     def timed(f: Callable[[], object]) -> float:
         sync()
@@ -267,24 +276,26 @@ def run_cell(problem: str, mode: str, steps: int, reps: int, device: str, thread
         sync()
         return time.perf_counter() - t0
 
-    plain_fn()
     times, ratios = [], []
     for i in range(reps):
         if i % 2:
-            tm, tp = timed(fn), timed(plain_fn)
+            tm, tp = timed(fn), timed(base_fn)
         else:
-            tp, tm = timed(plain_fn), timed(fn)
+            tp, tm = timed(base_fn), timed(fn)
         times.append(tm)
         ratios.append(tm / tp)
-    q.put({"time": statistics.median(times), "ratio": statistics.median(ratios), "mem": mem})
+    return statistics.median(times), statistics.median(ratios)
 
 
-def measure(problem: str, mode: str, steps: int, args: argparse.Namespace) -> dict:
+def in_subprocess(target: Callable[..., None], *args: Any) -> dict:
+    """Run ``target(*args, q)`` in a fresh spawned process and return what it puts on ``q``,
+    or ``{"error": ...}`` if the process dies first (a crashed cell is reported, not awaited
+    forever)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=run_cell, args=(problem, mode, steps, args.reps, args.device, args.threads, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    while True:  # a cell that crashed: report it and go on
+    while True:
         try:
             out = q.get(timeout=5)
             break
@@ -294,6 +305,10 @@ def measure(problem: str, mode: str, steps: int, args: argparse.Namespace) -> di
                 break
     p.join()
     return out
+
+
+def measure(problem: str, mode: str, steps: int, args: argparse.Namespace) -> dict:
+    return in_subprocess(run_cell, problem, mode, steps, args.reps, args.device, args.threads)
 
 
 def flops_per_step() -> None:

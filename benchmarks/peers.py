@@ -33,11 +33,7 @@ import argparse
 import copy
 import gc
 import json
-import multiprocessing as mp
-import queue
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +43,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hypergrad import Learner, mlp, mnist, peak_mib, reset_peak, rss_mib
+from hypergrad import Learner, in_subprocess, mlp, mnist, paired, peak_mib, reset_peak, rss_mib
 
 from bilevel import hypergrad
 from bilevel.errors import HypergradWarning
@@ -315,44 +311,16 @@ def run_cell(problem: str, method: str, steps: int, reps: int, device: str, q) -
     sync()
     mem = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_mib()) - base
 
-    def timed(f: Fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        f()
-        sync()
-        return time.perf_counter() - t0
-
-    ratios, times = [], []
-    for i in range(reps):
-        if i % 2:  # alternate the order within each pair
-            tm, tp = timed(fn), timed(base_fn)
-        else:
-            tp, tm = timed(base_fn), timed(fn)
-        ratios.append(tm / tp)
-        times.append(tm)
+    time_s, ratio = paired(fn, base_fn, reps, sync)
     # agreement: the same method in float64 at T = min(T, 10)
     del fns, fn, base_fn
     gc.collect()
     g64 = _flat(PROBLEMS[problem](dev, torch.float64, min(steps, 10))[method]())
-    q.put({"ratio": statistics.median(ratios), "time_s": statistics.median(times), "peak_mib": mem,
-           "g64": g64})
+    q.put({"ratio": ratio, "time_s": time_s, "peak_mib": mem, "g64": g64})
 
 
 def measure(problem: str, method: str, steps: int, reps: int, device: str) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=run_cell, args=(problem, method, steps, reps, device, q))
-    p.start()
-    while True:  # a peer that crashed: report it and go on
-        try:
-            out = q.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                out = {"error": f"exit code {p.exitcode}"}
-                break
-    p.join()
-    return out
+    return in_subprocess(run_cell, problem, method, steps, reps, device)
 
 
 def plan(only: str | None) -> list[tuple[str, str, int]]:

@@ -126,7 +126,6 @@ def unrolled(
                 if check_finite:  # leaves passed through unchanged were checked a step ago
                     flags.append((t, tree_all_finite(state, checked=None if t == start else prev)))
                 t += 1
-            del prev
         _raise_if_bad(flags)
         loss = outer_loss(state, hparams)
         grads = torch.autograd.grad(loss, h_leaves, allow_unused=True)
